@@ -1,0 +1,29 @@
+"""qkv: the self-attention mechanism of the Transformer, exact, fast, trainable and visible."""
+
+from __future__ import annotations
+
+from . import reference_numpy
+from .backends import names as _backend_names
+from .functional import AttentionSteps, attention, explain
+from .layers import KVCache, MultiHeadAttention
+from .masks import causal_mask, padding_mask, window_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionSteps",
+    "KVCache",
+    "MultiHeadAttention",
+    "attention",
+    "backends",
+    "causal_mask",
+    "explain",
+    "padding_mask",
+    "reference_numpy",
+    "window_mask",
+]
+
+
+def backends() -> list[str]:
+    """Names accepted by ``qkv.attention(..., backend=name)``, besides ``"auto"``."""
+    return _backend_names()

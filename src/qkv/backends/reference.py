@@ -1,0 +1,82 @@
+"""The reference backend: the five steps of the mechanism, written out explicitly.
+
+It materialises the (Lq x Lk) scores of every head, so it is the clearest backend and the
+one :func:`qkv.explain` uses, but its memory grows with Lq * Lk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Backend, Call
+
+
+@dataclass
+class Steps:
+    """Every intermediate of one call, in canonical shapes (B, Hq, Lq, Lk)."""
+
+    scores: Tensor  # (B, Hq, Lq, Lk)  q @ k^T
+    scaled: Tensor  # (B, Hq, Lq, Lk)  scores * scale
+    masked: Tensor  # (B, Hq, Lq, Lk)  scaled + bias, -inf where hidden
+    weights: Tensor  # (B, Hq, Lq, Lk)  softmax(masked), after dropout when dropout > 0
+    output: Tensor  # (B, Hq, Lq, Dv)  weights @ v, in the input dtype
+
+
+def masked_softmax(x: Tensor, allowed: Tensor | None) -> Tensor:
+    """Softmax over the last dim where hidden entries get exactly 0.
+
+    Hidden entries are *selected* away (``where``), never multiplied by 0, so NaN or inf
+    in them cannot leak. A row with nothing visible gives all zeros (not NaN), and zero
+    gradients.
+    """
+    if allowed is not None:
+        x = torch.where(allowed, x, float("-inf"))
+    if x.shape[-1] == 0:
+        return x.clone()
+    m = x.amax(dim=-1, keepdim=True).detach()  # (..., 1) row max, for stability
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully hidden row: -inf
+    e = torch.exp(x - m)  # (..., L) exp(-inf) = 0 where hidden
+    s = e.sum(dim=-1, keepdim=True)  # (..., 1)
+    return e / torch.where(s > 0, s, torch.ones_like(s))
+
+
+def dropout_weights(w: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
+    """Zero each weight with probability p and scale the survivors by 1/(1-p)."""
+    keep = torch.rand(w.shape, generator=generator, device=w.device, dtype=w.dtype) >= p
+    return torch.where(keep, w / (1.0 - p), torch.zeros_like(w))
+
+
+def reference_steps(call: Call) -> Steps:
+    """Compute attention step by step (upcast to float32, or float64 for float64 input)."""
+    b, hq, lq, _ = call.q.shape
+    hkv, lk, dv = call.kv_heads, call.lk, call.v.shape[-1]
+    g = call.groups
+    ct = call.compute_dtype
+    q = call.q.to(ct).reshape(b, hkv, g, lq, -1)  # (B, Hkv, G, Lq, D): heads h = kv*G + g
+    k = call.k.to(ct).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
+    v = call.v.to(ct).unsqueeze(2)  # (B, Hkv, 1, Lk, Dv)
+
+    scores = (q @ k.transpose(-1, -2)).reshape(b, hq, lq, lk)  # (B, Hq, Lq, Lk)
+    scaled = scores * call.scale  # (B, Hq, Lq, Lk)
+    allowed, bias = call.mask.dense(call.q.device)  # broadcastable to (B, Hq, Lq, Lk)
+    masked = scaled if bias is None else scaled + bias.to(ct)
+    if allowed is not None:
+        masked = torch.where(allowed, masked, float("-inf"))  # (B, Hq, Lq, Lk)
+    weights = masked_softmax(masked, allowed)  # (B, Hq, Lq, Lk)
+    if call.dropout > 0:
+        weights = dropout_weights(weights, call.dropout, call.generator)
+    out = weights.reshape(b, hkv, g, lq, lk) @ v  # (B, Hkv, G, Lq, Dv)
+    out = out.reshape(b, hq, lq, dv).to(call.q.dtype)  # (B, Hq, Lq, Dv)
+    return Steps(scores, scaled, masked, weights, out)
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def run(self, call: Call) -> tuple[Tensor, Tensor | None]:
+        steps = reference_steps(call)
+        weights = steps.weights.to(call.q.dtype) if call.return_weights else None
+        return steps.output, weights

@@ -1,0 +1,66 @@
+"""PyTorch's own ``scaled_dot_product_attention``: the baseline qkv is measured against.
+
+SDPA's ``is_causal`` is aligned top-left, so bottom-right causal with Lq != Lk, windows and
+combined masks are passed as one dense bool mask. Rows with no visible key would give NaN
+in some SDPA kernels; they are opened to every key for the call and their output is then
+selected to 0, which also keeps their gradients at 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Backend, Call
+
+# enable_gqa arrived in torch 2.5; the builtin has no inspectable signature, so read the doc.
+_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class TorchSDPABackend(Backend):
+    name = "torch"
+
+    def unsupported(self, call: Call) -> str | None:
+        if call.return_weights:
+            return "return_weights=True (SDPA does not return the attention weights)"
+        if call.generator is not None:
+            return "a dropout generator (SDPA draws dropout from the global RNG)"
+        return None
+
+    def run(self, call: Call) -> tuple[Tensor, Tensor | None]:
+        q, k, v, m = call.q, call.k, call.v, call.mask
+        kwargs = {}
+        if call.groups > 1:
+            if _HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:  # torch < 2.5: no native GQA, repeat the kv heads
+                k = k.repeat_interleave(call.groups, dim=1)
+                v = v.repeat_interleave(call.groups, dim=1)
+        is_causal = m.causal and m.lq == m.lk and m.left is None and m.right == 0
+        attn_mask, row_visible = None, None
+        if not m.is_empty and not (is_causal and not m.has_tensor):
+            is_causal = False
+            allowed, bias = m.dense(q.device)
+            if allowed is not None:
+                row_visible = allowed.any(dim=-1, keepdim=True)  # (B|1, H|1, Lq, 1)
+                allowed = allowed | ~row_visible  # open hidden rows; their output is zeroed
+            if bias is not None:
+                bias = bias.to(q.dtype)
+                if allowed is not None:
+                    attn_mask = torch.where(allowed, bias, float("-inf"))
+                else:
+                    attn_mask = bias
+            else:
+                attn_mask = allowed
+        if call.lk == 0:  # SDPA rejects empty keys: every row is hidden, output 0
+            k0 = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, 0, D)
+            v0 = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # (B, Hq, 0, Dv)
+            return (q @ k0.transpose(-1, -2)) @ v0, None  # sums over no key: 0, in the graph
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=call.dropout,
+            is_causal=is_causal, scale=call.scale, **kwargs,
+        )  # (B, Hq, Lq, Dv)
+        if row_visible is not None and not bool(row_visible.all()):
+            out = torch.where(row_visible, out, torch.zeros_like(out))
+        return out, None

@@ -1,0 +1,303 @@
+"""Multi-head attention as a PyTorch module, and the KV cache for incremental decoding."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .functional import attention
+
+__all__ = ["KVCache", "MultiHeadAttention"]
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one attention layer.
+
+    Self-attention: each decoding step appends the new tokens' keys/values and attends to
+    everything cached (``causal=True`` with bottom-right alignment makes a one-token step
+    equal the matching row of the full causal forward). Cross-attention: the first call
+    stores the projected context; later calls reuse it and ignore ``context``.
+
+    Storage grows by doubling, so appending one token at a time costs amortised O(1)
+    copies instead of re-concatenating the whole history.
+    """
+
+    def __init__(self) -> None:
+        self._k: Tensor | None = None  # (B, Hkv, capacity, D)
+        self._v: Tensor | None = None  # (B, Hkv, capacity, Dv)
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def k(self) -> Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]  # (B, Hkv, L, D)
+
+    @property
+    def v(self) -> Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]  # (B, Hkv, L, Dv)
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add keys ``(B, Hkv, T, D)`` and values ``(B, Hkv, T, Dv)``; return all so far."""
+        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"KVCache.append expects k (B, H, T, D) and v (B, H, T, Dv); got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        t = k.shape[2]
+        if self._k is None:
+            cap = max(16, t)
+            self._k = k.new_empty(*k.shape[:2], cap, k.shape[3])
+            self._v = v.new_empty(*v.shape[:2], cap, v.shape[3])
+        elif (k.shape[:2] != self._k.shape[:2] or k.shape[3] != self._k.shape[3]
+              or v.shape[3] != self._v.shape[3]):
+            raise ValueError(f"KVCache holds keys {tuple(self._k.shape[:2])}+(L, "
+                             f"{self._k.shape[3]}); cannot append {tuple(k.shape)}. The batch "
+                             "and heads must stay the same (use reorder() for beams)")
+        need = self.length + t
+        if need > self._k.shape[2]:
+            cap = max(need, 2 * self._k.shape[2])
+            self._k = _grow(self._k, cap, self.length)
+            self._v = _grow(self._v, cap, self.length)
+        self._k[:, :, self.length : need] = k
+        self._v[:, :, self.length : need] = v
+        self.length = need
+        return self.k, self.v
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search keeps the surviving beams): ``index (B',)``."""
+        if self._k is not None:
+            self._k = self._k.index_select(0, index)
+            self._v = self._v.index_select(0, index)
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self.length = 0
+
+
+def _grow(t: Tensor, capacity: int, used: int) -> Tensor:
+    new = t.new_empty(*t.shape[:2], capacity, t.shape[3])
+    new[:, :, :used] = t[:, :, :used]
+    return new
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with learned projections ``W_q, W_k, W_v, W_o``.
+
+    Args:
+        embed_dim: E, size of the input and output features; split over ``num_heads``.
+        num_heads: Hq, query heads; each has ``E // Hq`` dims.
+        num_kv_heads: Hkv key/value heads (default Hq); fewer gives grouped-query
+            attention (GQA), 1 gives multi-query attention. Must divide ``num_heads``.
+        kdim, vdim: feature sizes of the context used for keys and values (default E).
+        bias: add a bias to every projection.
+        dropout: dropout on the attention weights, in training mode only.
+        rotary: optional :class:`qkv.positional.RotaryEmbedding`-like module applied to
+            queries and keys (called as ``rotary(x, offset)`` on ``(B, H, L, Dh)``).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        rotary: nn.Module | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads),
+                          ("num_kv_heads", num_kv_heads)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int; got {val!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; "
+                             "each head gets embed_dim // num_heads dims")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads {num_kv_heads} does not divide num_heads {num_heads};"
+                             " the query heads must be a multiple of the key heads (GQA)")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}")
+        kdim = embed_dim if kdim is None else kdim
+        vdim = embed_dim if vdim is None else vdim
+        fk = {"device": device, "dtype": dtype}
+        self.embed_dim, self.kdim, self.vdim = embed_dim, kdim, vdim
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = float(dropout)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
+        self.k_proj = nn.Linear(kdim, num_kv_heads * self.head_dim, bias=bias, **fk)
+        self.v_proj = nn.Linear(vdim, num_kv_heads * self.head_dim, bias=bias, **fk)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
+        self.rotary = rotary
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise as ``torch.nn.MultiheadAttention`` does (Xavier, zero biases)."""
+        for lin in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"dropout={self.dropout}")
+
+    def _split(self, x: Tensor, heads: int) -> Tensor:
+        b, l, _ = x.shape
+        return x.view(b, l, heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        window: int | tuple[int | None, int | None] | None = None,
+        need_weights: bool = False,
+        cache: KVCache | None = None,
+        backend: str = "auto",
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend from ``x (B, Lq, E)`` to ``context (B, Lk, kdim)`` (default: ``x``).
+
+        ``mask`` broadcasts to ``(B, Hq, Lq, Lk)`` (bool True = may attend, or additive
+        float); use :func:`qkv.padding_mask` for key padding. With ``cache``, ``Lk``
+        counts every cached key. Returns ``out (B, Lq, E)`` and, with ``need_weights``,
+        the per-head weights ``(B, Hq, Lq, Lk)``.
+        """
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, L, {self.embed_dim}); got {got}")
+        is_cross = context is not None
+        if is_cross and (not isinstance(context, Tensor) or context.dim() != 3
+                         or context.shape[0] != x.shape[0] or context.shape[-1] != self.kdim):
+            got = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+            raise ValueError(f"context must have shape ({x.shape[0]}, Lk, {self.kdim}); "
+                             f"got {got}")
+        if is_cross and self.kdim != self.vdim:
+            raise ValueError("this module has kdim != vdim; pass context as (keys, values) "
+                             "through forward_kv instead")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a qkv.KVCache; got {type(cache).__name__}")
+        return self.forward_kv(x, context, context, mask=mask, causal=causal, window=window,
+                               need_weights=need_weights, cache=cache, backend=backend)
+
+    def forward_kv(
+        self,
+        x: Tensor,
+        key: Tensor | None,
+        value: Tensor | None,
+        *,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        window=None,
+        need_weights: bool = False,
+        cache: KVCache | None = None,
+        backend: str = "auto",
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Like :meth:`forward` with separate key ``(B, Lk, kdim)`` and value
+        ``(B, Lk, vdim)`` inputs (None for self-attention)."""
+        b, lq, _ = x.shape
+        is_cross = key is not None
+        offset = 0 if (cache is None or is_cross) else cache.length
+        q = self._split(self.q_proj(x), self.num_heads)  # (B, Hq, Lq, Dh)
+        if is_cross and cache is not None and cache.length > 0:
+            k, v = cache.k, cache.v  # the context was projected on the first step
+        else:
+            src_k = x if key is None else key
+            src_v = x if value is None else value
+            k = self._split(self.k_proj(src_k), self.num_kv_heads)  # (B, Hkv, Lk, Dh)
+            v = self._split(self.v_proj(src_v), self.num_kv_heads)  # (B, Hkv, Lk, Dh)
+            if self.rotary is not None and not is_cross:
+                k = self.rotary(k, offset)
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, Hkv, offset + Lk, Dh)
+        if self.rotary is not None and not is_cross:
+            q = self.rotary(q, offset)
+        res = attention(
+            q, k, v, mask=mask, causal=causal, window=window,
+            dropout=self.dropout if self.training else 0.0,
+            return_weights=need_weights, backend=backend,
+        )
+        out, weights = res if need_weights else (res, None)
+        out = out.transpose(1, 2).reshape(b, lq, self.embed_dim)  # (B, Lq, E)
+        out = self.out_proj(out)  # (B, Lq, E)
+        return (out, weights) if need_weights else out
+
+    # ---- exact conversion to and from torch.nn.MultiheadAttention --------------------------
+    @classmethod
+    def from_torch(cls, m: nn.MultiheadAttention) -> MultiHeadAttention:
+        """Copy the weights of a ``torch.nn.MultiheadAttention`` exactly.
+
+        The result is batch-first whatever ``m.batch_first`` is. ``add_bias_kv`` and
+        ``add_zero_attn`` have no counterpart and are refused.
+        """
+        if not isinstance(m, nn.MultiheadAttention):
+            raise TypeError(f"from_torch expects torch.nn.MultiheadAttention; got "
+                            f"{type(m).__name__}")
+        if m.bias_k is not None or m.add_zero_attn:
+            raise ValueError("from_torch cannot convert add_bias_kv=True or add_zero_attn=True;"
+                             " qkv has no extra learned or zero key")
+        w = m.in_proj_weight if m._qkv_same_embed_dim else None
+        has_bias = m.in_proj_bias is not None
+        p = next(m.parameters())
+        new = cls(m.embed_dim, m.num_heads, kdim=m.kdim, vdim=m.vdim, bias=has_bias,
+                  dropout=m.dropout, device=p.device, dtype=p.dtype)
+        e = m.embed_dim
+        with torch.no_grad():
+            if w is not None:
+                new.q_proj.weight.copy_(w[:e])
+                new.k_proj.weight.copy_(w[e : 2 * e])
+                new.v_proj.weight.copy_(w[2 * e :])
+            else:
+                new.q_proj.weight.copy_(m.q_proj_weight)
+                new.k_proj.weight.copy_(m.k_proj_weight)
+                new.v_proj.weight.copy_(m.v_proj_weight)
+            if has_bias:
+                new.q_proj.bias.copy_(m.in_proj_bias[:e])
+                new.k_proj.bias.copy_(m.in_proj_bias[e : 2 * e])
+                new.v_proj.bias.copy_(m.in_proj_bias[2 * e :])
+            new.out_proj.weight.copy_(m.out_proj.weight)
+            if m.out_proj.bias is not None:
+                new.out_proj.bias.copy_(m.out_proj.bias)
+        new.train(m.training)
+        return new
+
+    def to_torch(self) -> nn.MultiheadAttention:
+        """A ``torch.nn.MultiheadAttention(batch_first=True)`` with the same weights."""
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(f"to_torch cannot convert GQA (num_kv_heads={self.num_kv_heads} != "
+                             f"num_heads={self.num_heads}); torch's module has no GQA")
+        if self.rotary is not None:
+            raise ValueError("to_torch cannot convert a module with rotary embeddings")
+        has_bias = self.q_proj.bias is not None
+        p = self.q_proj.weight
+        m = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
+                                  bias=has_bias, kdim=self.kdim, vdim=self.vdim,
+                                  batch_first=True, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            if m._qkv_same_embed_dim:
+                m.in_proj_weight.copy_(torch.cat([self.q_proj.weight, self.k_proj.weight,
+                                                  self.v_proj.weight]))
+            else:
+                m.q_proj_weight.copy_(self.q_proj.weight)
+                m.k_proj_weight.copy_(self.k_proj.weight)
+                m.v_proj_weight.copy_(self.v_proj.weight)
+            if has_bias:
+                m.in_proj_bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias,
+                                                self.v_proj.bias]))
+                m.out_proj.bias.copy_(self.out_proj.bias)
+            m.out_proj.weight.copy_(self.out_proj.weight)
+        m.train(self.training)
+        return m
+

@@ -1,0 +1,205 @@
+"""Every way of hiding keys from queries, reduced to one canonical form.
+
+A call to :func:`qkv.attention` may combine a boolean mask, an additive float mask, a causal
+rule and a local window. They are all folded into one :class:`Mask`:
+
+* a *band* of visible keys per query, from ``causal`` and ``window``. With
+  ``off = Lk - Lq`` (bottom-right alignment), query ``i`` may see key ``j`` iff
+  ``-left <= j - (i + off) <= right``; ``causal`` sets ``right = min(right, 0)``;
+* ``allowed``: an optional bool tensor, True = may attend, 4-D and broadcastable to
+  ``(B, Hq, Lq, Lk)`` (size-1 dims are kept, never expanded);
+* ``bias``: an optional float tensor added to the scaled scores, same broadcasting;
+  ``-inf`` entries hide their key exactly like ``allowed=False`` does.
+
+Backends ask the mask for the rectangle of queries ``q0:q1`` and keys ``k0:k1`` they are
+about to compute (:meth:`Mask.block`), and whether a rectangle is hidden entirely by the
+band (:meth:`Mask.band_block_state`), so they can skip it without looking at it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+__all__ = ["BlockState", "Mask", "causal_mask", "padding_mask", "window_mask"]
+
+
+class BlockState(Enum):
+    """What the band (causal/window) does to a rectangle of queries x keys."""
+
+    HIDDEN = 0  # every query of the rectangle is barred from every key: skip it
+    PARTIAL = 1  # some pairs are visible, some are not: apply the band element-wise
+    VISIBLE = 2  # the band hides nothing in it (tensor masks may still apply)
+
+
+@dataclass(frozen=True)
+class Mask:
+    """The canonical mask of one attention call (see the module docstring).
+
+    ``lq``/``lk`` are the query and key lengths; ``left``/``right`` bound the band
+    (``None`` = unbounded on that side); ``allowed`` and ``bias`` are 4-D tensors that
+    broadcast to ``(B, Hq, Lq, Lk)``.
+    """
+
+    lq: int
+    lk: int
+    causal: bool = False
+    left: int | None = None
+    right: int | None = None
+    allowed: Tensor | None = None  # bool (B|1, Hq|1, Lq|1, Lk|1), True = may attend
+    bias: Tensor | None = None  # float (B|1, Hq|1, Lq|1, Lk|1), added to scaled scores
+
+    # ---- what kind of mask this is ------------------------------------------------------
+    @property
+    def offset(self) -> int:
+        """Diagonal offset of the bottom-right alignment: query i lines up with key i+offset."""
+        return self.lk - self.lq
+
+    @property
+    def has_band(self) -> bool:
+        return self.left is not None or self.right is not None
+
+    @property
+    def has_tensor(self) -> bool:
+        return self.allowed is not None or self.bias is not None
+
+    @property
+    def is_empty(self) -> bool:
+        """True when nothing is hidden and nothing is added."""
+        return not self.has_band and not self.has_tensor
+
+    # ---- the band ------------------------------------------------------------------------
+    def band_block_state(self, q0: int, q1: int, k0: int, k1: int) -> BlockState:
+        """Classify the rectangle queries [q0, q1) x keys [k0, k1) under the band alone."""
+        if not self.has_band:
+            return BlockState.VISIBLE
+        # Relative position d = j - (i + off) ranges over [k0 - (q1-1) - off, k1-1 - q0 - off].
+        d_min = k0 - (q1 - 1) - self.offset
+        d_max = (k1 - 1) - q0 - self.offset
+        lo = -self.left if self.left is not None else None
+        hi = self.right
+        if (hi is not None and d_min > hi) or (lo is not None and d_max < lo):
+            return BlockState.HIDDEN
+        if (hi is None or d_max <= hi) and (lo is None or d_min >= lo):
+            return BlockState.VISIBLE
+        return BlockState.PARTIAL
+
+    def band(self, q0: int, q1: int, k0: int, k1: int, device: torch.device) -> Tensor | None:
+        """Bool (q1-q0, k1-k0), True = visible under the band; None when the band is absent."""
+        if not self.has_band:
+            return None
+        i = torch.arange(q0, q1, device=device).unsqueeze(1)  # (bq, 1)
+        j = torch.arange(k0, k1, device=device).unsqueeze(0)  # (1, bk)
+        d = j - (i + self.offset)  # (bq, bk)
+        ok = torch.ones_like(d, dtype=torch.bool)
+        if self.right is not None:
+            ok &= d <= self.right
+        if self.left is not None:
+            ok &= d >= -self.left
+        return ok
+
+    # ---- one rectangle of the full mask --------------------------------------------------
+    def block(
+        self, q0: int, q1: int, k0: int, k1: int, device: torch.device
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The mask restricted to queries [q0, q1) and keys [k0, k1).
+
+        Returns ``(allowed, bias)``: ``allowed`` is a bool tensor broadcastable to
+        ``(B, Hq, q1-q0, k1-k0)`` that combines the band, the bool mask and the ``-inf``
+        entries of the bias (None when everything is visible); ``bias`` is the additive part
+        (None when there is none). Broadcast dimensions stay of size 1.
+        """
+        allowed = None
+        state = self.band_block_state(q0, q1, k0, k1)
+        if state is BlockState.HIDDEN:
+            return torch.zeros(1, 1, q1 - q0, k1 - k0, dtype=torch.bool, device=device), None
+        if state is BlockState.PARTIAL:
+            allowed = self.band(q0, q1, k0, k1, device)[None, None]  # (1, 1, bq, bk)
+        if self.allowed is not None:
+            t = _slice_last2(self.allowed, q0, q1, k0, k1)
+            allowed = t if allowed is None else allowed & t
+        bias = None
+        if self.bias is not None:
+            bias = _slice_last2(self.bias, q0, q1, k0, k1)
+            finite = bias != float("-inf")
+            allowed = finite if allowed is None else allowed & finite
+        return allowed, bias
+
+    def dense(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """The whole mask: ``block(0, lq, 0, lk)``."""
+        return self.block(0, self.lq, 0, self.lk, device)
+
+    # ---- keys no query can see -----------------------------------------------------------
+    def hidden_keys(self, num_kv_heads: int) -> Tensor | None:
+        """Bool (B|1, Hkv|1, Lk, 1): True where a key is hidden from *every* query.
+
+        Used to zero such keys and values before any matmul, so that NaN or inf stored in
+        padding never reaches an output through ``0 * NaN``. Conservative: a key hidden
+        only by the combination of the band and a tensor mask is not reported.
+        """
+        if not self.has_tensor:
+            return None
+        hidden = None
+        for t in (self.allowed, None if self.bias is None else self.bias != float("-inf")):
+            if t is None:
+                continue
+            col = ~t.any(dim=-2)  # (B|1, Hq|1, Lk|1)
+            hidden = col if hidden is None else hidden | col
+        b, h, lk = hidden.shape
+        if h > 1:  # a kv head's key is hidden only if all its query heads are barred from it
+            hidden = hidden.reshape(b, num_kv_heads, h // num_kv_heads, lk).all(dim=2)
+        if not bool(hidden.any()):
+            return None
+        return hidden.expand(b, hidden.shape[1], self.lk).unsqueeze(-1)
+
+
+def _slice_last2(t: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor:
+    """Slice the (Lq, Lk) dims of a broadcastable 4-D mask, leaving size-1 dims alone."""
+    rows = slice(None) if t.shape[-2] == 1 else slice(q0, q1)
+    cols = slice(None) if t.shape[-1] == 1 else slice(k0, k1)
+    return t[..., rows, cols]
+
+
+# ---- mask builders for users ----------------------------------------------------------------
+def causal_mask(lq: int, lk: int | None = None, *, device=None) -> Tensor:
+    """Bool (Lq, Lk), True = may attend, bottom-right aligned: j <= i + (Lk - Lq)."""
+    lk = lq if lk is None else lk
+    m = Mask(lq, lk, causal=True, right=0)
+    return m.band(0, lq, 0, lk, torch.device(device or "cpu"))
+
+
+def window_mask(lq: int, lk: int | None = None, window=0, *, device=None) -> Tensor:
+    """Bool (Lq, Lk) of a local window ``(left, right)`` (or an int w for (w, w))."""
+    lk = lq if lk is None else lk
+    left, right = (window, window) if isinstance(window, int) else window
+    m = Mask(lq, lk, left=left, right=right)
+    return m.band(0, lq, 0, lk, torch.device(device or "cpu"))
+
+
+def padding_mask(lengths_or_keep: Tensor, max_len: int | None = None) -> Tensor:
+    """A key-padding mask shaped (B, 1, 1, Lk) for :func:`qkv.attention`, True = real key.
+
+    Accepts either lengths ``(B,)`` (integers; ``max_len`` defaults to their maximum) or a
+    bool ``(B, Lk)`` tensor that is True on real keys.
+    """
+    t = lengths_or_keep
+    if not isinstance(t, Tensor):
+        raise TypeError(f"padding_mask expects a tensor of lengths (B,) or a bool (B, Lk); got {type(t).__name__}")
+    if t.dtype == torch.bool:
+        if t.dim() != 2:
+            raise ValueError(f"a bool padding mask must have shape (B, Lk); got {tuple(t.shape)}")
+        return t[:, None, None, :]  # (B, 1, 1, Lk)
+    if t.is_floating_point() or t.dim() != 1:
+        raise ValueError(
+            f"lengths must be an integer tensor of shape (B,); got dtype {t.dtype}, shape {tuple(t.shape)}"
+        )
+    if t.numel() and int(t.min()) < 0:
+        raise ValueError(f"lengths must be >= 0; got {t.tolist()}")
+    lk = int(t.max()) if max_len is None and t.numel() else (max_len or 0)
+    if t.numel() and int(t.max()) > lk:
+        raise ValueError(f"a length of {int(t.max())} exceeds max_len={lk}")
+    keep = torch.arange(lk, device=t.device)[None, :] < t[:, None]  # (B, Lk)
+    return keep[:, None, None, :]
