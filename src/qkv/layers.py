@@ -209,6 +209,10 @@ class MultiHeadAttention(nn.Module):
         ``(B, Lk, vdim)`` inputs (None for self-attention)."""
         b, lq, _ = x.shape
         is_cross = key is not None
+        if not is_cross and (self.kdim != self.embed_dim or self.vdim != self.embed_dim):
+            raise ValueError(f"self-attention needs kdim == vdim == embed_dim; this module has "
+                             f"kdim={self.kdim}, vdim={self.vdim}, embed_dim={self.embed_dim}. "
+                             "Fix: pass a context for cross-attention")
         offset = 0 if (cache is None or is_cross) else cache.length
         q = self._split(self.q_proj(x), self.num_heads)  # (B, Hq, Lq, Dh)
         if is_cross and cache is not None and cache.length > 0:

@@ -187,14 +187,16 @@ def padding_mask(lengths_or_keep: Tensor, max_len: int | None = None) -> Tensor:
     """
     t = lengths_or_keep
     if not isinstance(t, Tensor):
-        raise TypeError(f"padding_mask expects a tensor of lengths (B,) or a bool (B, Lk); got {type(t).__name__}")
+        raise TypeError("padding_mask expects a tensor of lengths (B,) or a bool (B, Lk); "
+                        f"got {type(t).__name__}")
     if t.dtype == torch.bool:
         if t.dim() != 2:
             raise ValueError(f"a bool padding mask must have shape (B, Lk); got {tuple(t.shape)}")
         return t[:, None, None, :]  # (B, 1, 1, Lk)
     if t.is_floating_point() or t.dim() != 1:
         raise ValueError(
-            f"lengths must be an integer tensor of shape (B,); got dtype {t.dtype}, shape {tuple(t.shape)}"
+            "lengths must be an integer tensor of shape (B,); got dtype "
+            f"{t.dtype}, shape {tuple(t.shape)}"
         )
     if t.numel() and int(t.min()) < 0:
         raise ValueError(f"lengths must be >= 0; got {t.tolist()}")

@@ -51,11 +51,11 @@ def dropout_weights(w: Tensor, p: float, generator: torch.Generator | None) -> T
 
 def reference_steps(call: Call) -> Steps:
     """Compute attention step by step (upcast to float32, or float64 for float64 input)."""
-    b, hq, lq, _ = call.q.shape
+    b, hq, lq, d = call.q.shape
     hkv, lk, dv = call.kv_heads, call.lk, call.v.shape[-1]
     g = call.groups
     ct = call.compute_dtype
-    q = call.q.to(ct).reshape(b, hkv, g, lq, -1)  # (B, Hkv, G, Lq, D): heads h = kv*G + g
+    q = call.q.to(ct).reshape(b, hkv, g, lq, d)  # (B, Hkv, G, Lq, D): heads h = kv*G + g
     k = call.k.to(ct).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
     v = call.v.to(ct).unsqueeze(2)  # (B, Hkv, 1, Lk, Dv)
 
