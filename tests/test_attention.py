@@ -93,3 +93,19 @@ def test_backends_lists_names():
     names = qkv.backends()
     assert "reference" in names and "torch" in names
     assert all(isinstance(n, str) for n in names)
+
+
+def test_non_contiguous_inputs_and_output_grads(backend):
+    """flash-attention #355: a non-contiguous upstream gradient must give the same grads."""
+    base = torch.randn(2, 9, 4, 3, 8, dtype=torch.float64, generator=torch.Generator()
+                       .manual_seed(0))
+    q, k, v = (base[:, :, :, i].transpose(1, 2).requires_grad_() for i in range(3))  # strided
+    assert not q.is_contiguous()
+    dout = torch.randn(2, 9, 4, 8, dtype=torch.float64).transpose(1, 2)  # (B, H, L, D) strided
+    out = qkv.attention(q, k, v, causal=True, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    qc, kc, vc = (t.detach().contiguous().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(qkv.attention(qc, kc, vc, causal=True, backend="reference"),
+                               (qc, kc, vc), dout.contiguous())
+    for g, w in zip(grads, want, strict=True):
+        assert torch.allclose(g, w, atol=TOL, rtol=0)
