@@ -1,0 +1,470 @@
+"""Train a :class:`~qkv.models.seq2seq.Transformer` on a :mod:`qkv.tasks` task.
+
+:func:`train` runs AdamW with a linear warm-up and a cosine decay, shows a rich progress bar
+(step, loss, token accuracy, tokens/s, ETA), measures exact-match on the validation split
+every ``eval_every`` steps with greedy decoding, and writes checkpoints
+(:mod:`qkv.checkpoint`) every ``checkpoint_every`` steps, at the end, and on Ctrl-C.
+
+Reproducibility: the batch of step ``s`` is drawn from ``(seed, s)`` alone
+(:meth:`qkv.tasks.Task.batch`), and the checkpoint stores the states of the torch, Python
+and NumPy generators (dropout draws from torch's). A run resumed from its checkpoint
+therefore computes exactly what the uninterrupted run computes, step for step, on the same
+device and thread count.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import threading
+import time
+import unicodedata
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention_map import AttentionMap
+from .checkpoint import (
+    has_checkpoint,
+    optimizer_from_parts,
+    optimizer_to_parts,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from .models.seq2seq import Transformer, TransformerConfig
+from .tasks import PAD, CharTokenizer, Task, get_task
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "Translation",
+    "evaluate",
+    "load_run",
+    "train",
+    "translate",
+]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in every checkpoint).
+
+    Model shape: ``d_model``, ``num_heads``, ``encoder_layers``, ``decoder_layers``,
+    ``ff_dim``, ``dropout``, ``positions`` ("sinusoidal" or "rotary"). Optimisation:
+    AdamW with peak ``lr``, linear warm-up over ``warmup`` steps, cosine decay to
+    ``lr * min_lr_ratio`` at ``steps``, gradient norm clipped to ``clip``.
+    """
+
+    task: str
+    task_options: dict = field(default_factory=dict)
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup: int = 200
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    d_model: int = 96
+    num_heads: int = 4
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    ff_dim: int = 256
+    dropout: float = 0.0
+    positions: str = "sinusoidal"
+    eval_every: int = 250
+    eval_size: int = 1000
+    checkpoint_every: int = 250
+
+    def __post_init__(self) -> None:
+        ints = {"steps": 1, "batch_size": 1, "warmup": 0, "eval_every": 1, "eval_size": 1,
+                "checkpoint_every": 1, "seed": 0}
+        for name, lo in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
+        for name in ("lr", "weight_decay", "clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                math.isfinite(v) and v >= 0
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0; got {self.lr!r}")
+        for name in ("min_lr_ratio", "label_smoothing"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{name} must be in [0, 1]; got {v!r}")
+        self.model_config(vocab_size=8)  # validates the model shape early
+
+    def model_config(self, vocab_size: int) -> TransformerConfig:
+        return TransformerConfig(
+            vocab_size=vocab_size, d_model=self.d_model, num_heads=self.num_heads,
+            encoder_layers=self.encoder_layers, decoder_layers=self.decoder_layers,
+            ff_dim=self.ff_dim, dropout=self.dropout, positions=self.positions,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        if not isinstance(d, dict) or not set(d) <= known or "task" not in d:
+            extra = sorted(set(d) - known) if isinstance(d, dict) else d
+            raise ValueError(f"not a training config of this qkv version (unknown keys {extra})")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the last step done, whether Ctrl-C stopped it, metrics."""
+
+    run: Path
+    step: int
+    interrupted: bool
+    valid_exact: float | None
+    history: list[dict]
+    seconds: float
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based): warm-up, then cosine decay."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use "
+                         "--device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported; use cpu, cuda or auto")
+    return dev
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _tensors(tok: CharTokenizer, batch, device) -> tuple[torch.Tensor, ...]:
+    src = tok.batch([s for s, _ in batch]).to(device)  # (B, Ls)
+    tgt_in = tok.batch([t for _, t in batch], bos=True).to(device)  # (B, Lt)
+    tgt_out = tok.batch([t for _, t in batch], eos=True).to(device)  # (B, Lt)
+    return src, tgt_in, tgt_out
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, tok: CharTokenizer, examples, *, max_len: int,
+             batch_size: int = 500, beam: int = 1) -> float:
+    """Exact-match of greedy (or beam) decoding on ``examples`` [(source, target)]."""
+    if not examples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    right = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        src = tok.batch([s for s, _ in chunk]).to(device)  # (B, Ls)
+        if beam == 1:
+            out = model.greedy(src, max_len=max_len)  # (B, T)
+        else:
+            out = model.beam_search(src, beam=beam, max_len=max_len)[0]  # (B, T)
+        right += sum(tok.decode(row.tolist()) == t for row, (_, t) in zip(out, chunk,
+                                                                             strict=True))
+    model.train(was_training)
+    return right / len(examples)
+
+
+@dataclass
+class Run:
+    """A model ready to use, with what is needed to feed it."""
+
+    model: Transformer
+    tokenizer: CharTokenizer
+    config: TrainConfig
+    step: int
+    state: dict
+
+
+def _build(cfg: TrainConfig, tok: CharTokenizer, device: torch.device) -> Transformer:
+    return Transformer(cfg.model_config(tok.vocab_size)).to(device)
+
+
+def load_run(run: Path | str, *, device: str = "cpu") -> Run:
+    """Load the latest checkpoint of a run directory for decoding (eval mode).
+
+    Raises ValueError when the directory has no checkpoint, or when the checkpoint's
+    weights do not fit its own config (an incompatible or damaged checkpoint).
+    """
+    ck = read_checkpoint(Path(run))
+    try:
+        cfg = TrainConfig.from_dict(ck.state["config"])
+        tok = CharTokenizer.from_dict(ck.state["tokenizer"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint {ck.path} is incompatible: its state.json lacks {e}") \
+            from None
+    model = _build(cfg, tok, resolve_device(device))
+    _load_weights(model, ck.model, ck.path)
+    model.eval()
+    return Run(model=model, tokenizer=tok, config=cfg, step=ck.step, state=ck.state)
+
+
+def _load_weights(model: Transformer, weights: dict, path: Path) -> None:
+    want = model.state_dict()
+    missing = sorted(set(want) - set(weights))
+    extra = sorted(set(weights) - set(want))
+    bad = [f"{k}: checkpoint {tuple(weights[k].shape)}, config {tuple(want[k].shape)}"
+           for k in sorted(set(want) & set(weights)) if weights[k].shape != want[k].shape]
+    if missing or extra or bad:
+        parts = ([f"missing {missing[:3]}"] if missing else []) + \
+            ([f"unexpected {extra[:3]}"] if extra else []) + bad[:3]
+        raise ValueError(f"checkpoint {path} is incompatible with its config: "
+                         + "; ".join(parts))
+    model.load_state_dict(weights)
+
+
+class _Interrupt:
+    """Turns the first Ctrl-C (SIGINT) into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
+          progress: bool = True, console=None, log=None) -> TrainResult:
+    """Train (or, with ``resume``, continue) a run in directory ``out``.
+
+    A fresh run refuses a directory that already holds a checkpoint; a resumed run takes
+    its config from the checkpoint (``cfg`` may be None, otherwise it must equal the saved
+    one). ``progress`` shows a rich progress bar on ``console``; ``log`` (a callable
+    taking one string) receives a line per validation. Returns a :class:`TrainResult`.
+    """
+    out = Path(out)
+    if resume:
+        ck = read_checkpoint(out)
+        saved = TrainConfig.from_dict(ck.state["config"])
+        if cfg is not None and cfg != saved:
+            diff = [f"{k}: checkpoint {v!r}, asked {getattr(cfg, k)!r}"
+                    for k, v in saved.to_dict().items() if getattr(cfg, k) != v]
+            raise ValueError(f"cannot resume {out}: the config differs from its checkpoint ("
+                             + "; ".join(diff) + ")")
+        cfg = saved
+    else:
+        if cfg is None:
+            raise ValueError("train needs a TrainConfig unless resume=True")
+        if has_checkpoint(out):
+            raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it "
+                             "or choose another --out")
+        ck = None
+
+    device = resolve_device(cfg.device)
+    task: Task = get_task(cfg.task, **cfg.task_options)
+    if ck is not None:
+        tok = CharTokenizer.from_dict(ck.state["tokenizer"])
+        if tok != task.tokenizer():
+            raise ValueError(f"cannot resume {out}: the task's vocabulary differs from the "
+                             "checkpoint's (different qkv or Babel version?)")
+    else:
+        tok = task.tokenizer()
+        _seed_all(cfg.seed)
+    model = _build(cfg, tok, device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                            betas=(0.9, 0.98), eps=1e-9, foreach=True)
+    history: list[dict] = []
+    start = 0
+    if ck is not None:
+        _load_weights(model, ck.model, ck.path)
+        opt.load_state_dict(optimizer_from_parts(ck.optimizer, ck.state["optimizer"]))
+        set_rng_state(ck.state["rng"])
+        history = list(ck.state.get("history", []))
+        start = ck.step
+    valid = task.validation(cfg.eval_size)
+    max_len = task.max_target_len + 1
+
+    def save(step: int) -> None:
+        tensors, meta = optimizer_to_parts(opt.state_dict())
+        write_checkpoint(out, step, model.state_dict(), tensors, {
+            "config": cfg.to_dict(), "tokenizer": tok.to_dict(), "optimizer": meta,
+            "rng": rng_state(device), "data": {"seed": cfg.seed, "next_step": step},
+            "max_target_len": task.max_target_len,
+            "history": history,
+        })
+
+    model.train()
+    t0 = time.perf_counter()
+    done, valid_exact, interrupted = start, None, False
+    bar = _Bar(cfg, start, console) if progress else None
+    tokens_seen, t_tok = 0, time.perf_counter()
+    try:
+        with _Interrupt() as stop:
+            for step in range(start, cfg.steps):
+                lr = lr_at(cfg, step)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                src, tgt_in, tgt_out = _tensors(tok, task.batch(cfg.seed, step, cfg.batch_size),
+                                                device)
+                logits = model(src, tgt_in)  # (B, Lt, V)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                       tgt_out.reshape(-1), ignore_index=PAD,
+                                       label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                opt.step()
+                real = tgt_out != PAD  # (B, Lt)
+                acc = ((logits.argmax(-1) == tgt_out) & real).sum().item() / real.sum().item()
+                tokens_seen += int(real.sum()) + int((src != PAD).sum())
+                rec = {"step": step + 1, "loss": loss.item(), "acc": acc, "lr": lr}
+                done = step + 1
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    valid_exact = evaluate(model, tok, valid, max_len=max_len)
+                    rec["valid_exact"] = valid_exact
+                    if log is not None:
+                        log(f"step {done}/{cfg.steps}  loss {rec['loss']:.4f}  token acc "
+                            f"{acc:.3f}  valid exact-match {valid_exact:.4f}  "
+                            f"({time.perf_counter() - t0:.0f} s)")
+                history.append(rec)
+                if bar is not None:
+                    now = time.perf_counter()
+                    bar.update(done, rec, tokens_seen / max(now - t_tok, 1e-9), valid_exact)
+                interrupted = stop.requested
+                if interrupted or done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    save(done)
+                if interrupted:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    return TrainResult(run=out, step=done, interrupted=interrupted, valid_exact=valid_exact,
+                       history=history, seconds=time.perf_counter() - t0)
+
+
+class _Bar:
+    """The rich progress bar: step, loss, token accuracy, tokens/s, validation, ETA."""
+
+    def __init__(self, cfg: TrainConfig, start: int, console) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn(f"[bold]{cfg.task}[/bold]"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  "
+                       "{task.fields[tps]} tok/s  valid {task.fields[valid]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, transient=False,
+            disable=bool(os.environ.get("QKV_NO_PROGRESS")),
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=cfg.steps, completed=start,
+                                           loss="-", acc="-", tps="-", valid="-")
+
+    def update(self, done: int, rec: dict, tps: float, valid: float | None) -> None:
+        self.progress.update(self.task, completed=done, loss=f"{rec['loss']:.4f}",
+                             acc=f"{rec['acc']:.3f}", tps=f"{tps:,.0f}",
+                             valid="-" if valid is None else f"{valid:.3f}")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+@dataclass
+class Translation:
+    """One decoded input: the output text and the cross-attention that produced it."""
+
+    text: str
+    output: str
+    attention: AttentionMap
+
+
+def display_char(c: str) -> str:
+    """A visible label for one character (spaces and invisible marks get a name)."""
+    if c == " ":
+        return "␣"
+    if unicodedata.category(c) in ("Zs", "Zl", "Zp", "Cf", "Cc"):
+        return f"U+{ord(c):04X}"
+    return c
+
+
+def translate(run: Run, text: str, *, beam: int = 1) -> Translation:
+    """Decode ``text`` with a loaded run (greedy, or beam search with ``beam > 1``).
+
+    ValueError for an empty text or characters outside the model's vocabulary.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str; got {type(text).__name__}")
+    if not text:
+        raise ValueError("the input text is empty; give the text to translate, e.g. "
+                         "qkv translate RUN '28 novembre 2026'")
+    bad = run.tokenizer.unknown(text)
+    if bad:
+        shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in bad)
+        raise ValueError(f"the input has characters outside the vocabulary of this model: "
+                         f"{shown}; it was trained on task {run.config.task!r}")
+    model, tok = run.model, run.tokenizer
+    device = next(model.parameters()).device
+    src = tok.batch([text]).to(device)  # (1, Ls)
+    max_len = int(run.state.get("max_target_len", len(text))) + 1
+    if beam == 1:
+        out = model.greedy(src, max_len=max_len)  # (1, T)
+    else:
+        out = model.beam_search(src, beam=beam, max_len=max_len)[0]  # (1, T)
+    ids = out[0].tolist()
+    n = ids.index(model.config.eos_id) if model.config.eos_id in ids else len(ids)
+    output = tok.decode(ids[:n])
+    if n == 0:  # an immediate EOS: show the attention of that one step
+        ids, labels = ids[:1], [tok.token(ids[0])]
+    else:
+        ids, labels = ids[:n], [display_char(c) for c in output]
+    amap = model.cross_attention_map(
+        src, torch.tensor([ids], device=device), source_tokens=[display_char(c) for c in text],
+        output_tokens=labels, title=f"{text} -> {output}",
+        model=f"qkv seq2seq {run.config.task} (step {run.step})")
+    return Translation(text=text, output=output, attention=amap)
