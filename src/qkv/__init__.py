@@ -18,10 +18,19 @@ __all__ = [
     "backends",
     "causal_mask",
     "explain",
+    "load_pretrained",
     "padding_mask",
     "reference_numpy",
     "window_mask",
 ]
+
+
+def load_pretrained(name_or_path="all-MiniLM-L6-v2", *, device=None):
+    """A pretrained BERT encoder built from qkv's layers (see :mod:`qkv.models.loading`);
+    imported on first use so ``import qkv`` stays light."""
+    from .models.loading import load_pretrained as load
+
+    return load(name_or_path, device=device)
 
 
 def backends() -> list[str]:
