@@ -1,0 +1,119 @@
+"""Attention as a picture (matplotlib): the model view grid, or one head in detail.
+
+One colour scale everywhere: weights 0..1 on a square-root (power 0.5) norm, so that the
+many small weights stay visible next to the few large ones, and one colour bar says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..attention_map import AttentionMap
+
+__all__ = ["CMAP", "figure", "save"]
+
+CMAP = "viridis"
+_FORMATS = (".png", ".svg")
+
+
+def _norm():
+    from matplotlib.colors import PowerNorm
+
+    return PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
+
+
+def figure(amap: AttentionMap, *, layer: int | None = None, head: int | None = None):
+    """A matplotlib Figure: one head when both ``layer`` and ``head`` are given, else a
+    grid of thumbnails (rows = layers, columns = heads), restricted to ``layer`` or
+    ``head`` when one of them is given."""
+    from matplotlib.figure import Figure
+
+    if layer is not None:
+        amap.check_head(layer, 0 if head is None else head)
+    if head is not None:
+        amap.check_head(0 if layer is None else layer, head)
+    if layer is not None and head is not None:
+        return _one(Figure, amap, layer, head)
+    layers = list(range(amap.num_layers)) if layer is None else [layer]
+    heads = list(range(amap.num_heads)) if head is None else [head]
+    return _grid(Figure, amap, layers, heads)
+
+
+def save(amap: AttentionMap, path: str | Path, *, layer: int | None = None,
+         head: int | None = None, dpi: int = 110) -> Path:
+    """Write :func:`figure` to ``path``; the format follows the extension (.png, .svg)."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in _FORMATS:
+        raise ValueError(f"cannot write {path.name!r}: expected a .png or .svg file; got "
+                         f"extension {ext or '(none)'!r}")
+    fig = figure(amap, layer=layer, head=head)
+    fig.savefig(path, format=ext[1:], dpi=dpi,
+                metadata={"Software": "qkv"} if ext == ".png" else None)
+    return path
+
+
+def _caption(amap: AttentionMap) -> str:
+    what = "attention rollout" if amap.kind == "rollout" else "attention"
+    name = f"{amap.model}: " if amap.model else ""
+    text = amap.title if len(amap.title) <= 90 else amap.title[:89] + "…"
+    return f"{name}{what} on “{text}”" if text else f"{name}{what}"
+
+
+def _one(Figure, amap: AttentionMap, layer: int, head: int):
+    w = amap.weights[layer, head]  # (Lq, Lk)
+    lq, lk = w.shape
+    side = 0.32
+    fig = Figure(figsize=(max(4.5, 2.2 + side * lk), max(3.5, 1.8 + side * lq)),
+                 layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(w, cmap=CMAP, norm=_norm(), aspect="equal", interpolation="nearest")
+    ax.set_xticks(range(lk), amap.keys, rotation=90, fontsize=9)
+    ax.set_yticks(range(lq), amap.tokens, fontsize=9)
+    ax.set_xlabel("attended to (keys)")
+    ax.set_ylabel("attending (queries)")
+    if max(lq, lk) <= 24:  # the numbers fit in the cells
+        for i in range(lq):
+            for j in range(lk):
+                pct = round(100 * float(w[i, j]))
+                if pct >= 5:
+                    ax.text(j, i, str(pct), ha="center", va="center", fontsize=6.5,
+                            color="black" if w[i, j] > 0.45 else "white")
+    ax.set_title(f"layer {amap.layer_labels[layer]}, head {amap.head_labels[head]}",
+                 fontsize=11)
+    fig.suptitle(_caption(amap), fontsize=9)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8, ticks=[0, 0.05, 0.25, 0.5, 1])
+    bar.set_label("weight (numbers in %)", fontsize=8)
+    return fig
+
+
+def _grid(Figure, amap: AttentionMap, layers: list[int], heads: list[int]):
+    nr, nc = len(layers), len(heads)
+    cell = 1.05 if nc > 1 or nr > 1 else 3.0
+    fig = Figure(figsize=(1.2 + cell * nc + 0.9, 1.3 + cell * nr), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(nr, nc, squeeze=False))
+    im = None
+    for r, layer in enumerate(layers):
+        for c, head in enumerate(heads):
+            ax = axes[r, c]
+            im = ax.imshow(amap.weights[layer, head], cmap=CMAP, norm=_norm(),
+                           aspect="auto", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_linewidth(0.4)
+            if r == 0:
+                ax.set_title(f"head {amap.head_labels[head]}", fontsize=8, pad=3)
+            if c == 0:
+                ax.set_ylabel(f"layer {amap.layer_labels[layer]}", fontsize=8)
+    tokens = " ".join(amap.tokens)
+    if len(tokens) > 150:
+        tokens = tokens[:149] + "…"
+    fig.suptitle(_caption(amap) + "\nrows attend to columns, in token order: " + tokens,
+                 fontsize=8.5)
+    bar = fig.colorbar(im, ax=axes, shrink=0.6, ticks=[0, 0.05, 0.25, 0.5, 1], pad=0.01)
+    bar.set_label("attention weight (square-root scale)", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return fig
