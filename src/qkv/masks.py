@@ -132,6 +132,22 @@ class Mask:
         """The whole mask: ``block(0, lq, 0, lk)``."""
         return self.block(0, self.lq, 0, self.lk, device)
 
+    def key_lengths(self) -> Tensor | None:
+        """Keys per batch row, int64 (B|1,), when the tensor mask is only key padding.
+
+        That is: no bias, and ``allowed`` of shape (B|1, 1, 1, Lk|1) whose every row is True
+        on a prefix of the keys and False after it (what :func:`padding_mask` builds); key
+        ``j`` of row ``b`` is then hidden iff ``j >= lengths[b]``. None for any other mask
+        (or none). Reads the mask's values, so a CUDA mask costs one synchronisation.
+        """
+        a = self.allowed
+        if a is None or self.bias is not None or a.shape[1] != 1 or a.shape[2] != 1:
+            return None
+        keep = a[:, 0, 0, :].expand(a.shape[0], self.lk)  # (B|1, Lk)
+        lengths = keep.sum(dim=-1)  # (B|1,)
+        prefix = torch.arange(self.lk, device=a.device) < lengths[:, None]  # (B|1, Lk)
+        return lengths if torch.equal(prefix, keep) else None
+
     # ---- keys no query can see -----------------------------------------------------------
     def hidden_keys(self, num_kv_heads: int) -> Tensor | None:
         """Bool (B|1, Hkv|1, Lk, 1): True where a key is hidden from *every* query.

@@ -48,3 +48,11 @@ def auto_order(call: Call) -> list[tuple[str, str]]:
 
 register(ReferenceBackend())
 register(TorchSDPABackend())
+
+try:  # the fused kernels need Triton (PyTorch's CUDA wheels bring it)
+    import triton  # noqa: F401
+except ImportError:
+    pass
+else:
+    from .triton import TritonBackend
+

@@ -1,0 +1,131 @@
+"""Block sizes for the Triton kernels: a few candidates per kernel, timed once per shape class.
+
+Each kernel has a short list of :class:`Config` candidates that depends on the padded head
+dim (bigger heads need smaller tiles to fit shared memory). The first call of a *shape class*
+(kernel, device, dtype, head dims, band flags, length buckets) times every candidate with
+CUDA events and keeps the fastest for the rest of the process; candidates that do not compile
+on the device (too much shared memory) are skipped. The lists are short on purpose, so that
+tuning and compilation fit in a few minutes of a benchmark run.
+
+Under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) nothing is timed: one
+small fixed config is used, or the one set with :func:`override` (the tests use it to make
+tiles that do not divide the lengths).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("qkv")
+
+__all__ = ["Config", "candidates", "choose", "override"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration: the tile sizes and Triton's warps and pipeline stages.
+
+    ``block_m`` tiles the queries, ``block_n`` the keys, in every kernel.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+#: The only config used by the interpreter unless :func:`override` says otherwise.
+INTERPRETER_CONFIG = Config(32, 32, 1, 1)
+
+_forced: Config | None = None
+_best: dict[tuple, Config] = {}
+
+
+@contextlib.contextmanager
+def override(config: Config) -> Iterator[None]:
+    """Use ``config`` for every launch inside the block (no tuning)."""
+    global _forced
+    before, _forced = _forced, config
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def candidates(kernel: str, block_d: int, device: torch.device) -> list[Config]:
+    """The configs worth trying for ``kernel`` ("fwd", "dkdv", "dq") at padded head dim
+    ``block_d`` on ``device``."""
+    if _forced is not None:
+        return [_forced]
+    if device.type != "cuda":
+        return [INTERPRETER_CONFIG]
+    major, _ = torch.cuda.get_device_capability(device)
+    hopper = major >= 9
+    if kernel == "fwd":  # queries resident (block_m), keys streamed (block_n)
+        if block_d <= 64:
+            return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3)]
+        if block_d <= 128:
+            return [Config(128, 64, 8, 3), Config(128, 128, 8, 2 if hopper else 1),
+                    Config(64, 64, 4, 3)]
+        return [Config(64, 64, 4, 2), Config(128, 64, 8, 2), Config(64, 32, 4, 2)]
+    if kernel == "dkdv":  # keys resident (block_n), queries streamed (block_m)
+        if block_d <= 64:
+            return [Config(64, 128, 8, 3), Config(32, 128, 4, 3), Config(64, 64, 4, 3)]
+        if block_d <= 128:
+            return [Config(64, 128, 8, 2), Config(32, 128, 8, 3), Config(64, 64, 4, 2)]
+        return [Config(32, 64, 4, 2), Config(64, 64, 8, 1), Config(16, 64, 4, 2)]
+    if kernel == "dq":  # queries resident (block_m), keys streamed (block_n)
+        if block_d <= 64:
+            return [Config(128, 64, 8, 3), Config(128, 32, 4, 3), Config(64, 64, 4, 3)]
+        if block_d <= 128:
+            return [Config(128, 64, 8, 2), Config(128, 32, 8, 3), Config(64, 64, 4, 2)]
+        return [Config(64, 32, 4, 2), Config(64, 64, 8, 1), Config(64, 16, 4, 2)]
+    if kernel == "weights":  # memory-bound: one sane tile
+        return [Config(64, 64, 4, 2) if block_d <= 128 else Config(32, 64, 4, 2)]
+    raise ValueError(f"unknown kernel {kernel!r}; expected 'fwd', 'dkdv', 'dq' or 'weights'")
+
+
+def bucket(n: int) -> int:
+    """Lengths that tune alike share a bucket: the next power of two, capped at 2**16."""
+    return 1 << min(max(n - 1, 0).bit_length(), 16)
+
+
+def choose(key: tuple, configs: list[Config], run: Callable[[Config], None]) -> Config:
+    """The fastest of ``configs`` for shape class ``key``; ``run(config)`` launches once.
+
+    A single candidate is returned without launching. Otherwise each candidate is launched
+    once (which compiles it), then timed over a few launches with CUDA events; the winner is
+    remembered under ``key``. The caller launches the winner itself afterwards.
+    """
+    if len(configs) == 1:
+        return configs[0]
+    if key in _best:
+        return _best[key]
+    timings = []
+    for cfg in configs:
+        try:
+            run(cfg)  # compile + warm up
+        except Exception as exc:  # e.g. OutOfResources: this tile does not fit the device
+            log.debug("qkv triton: config %s skipped for %s: %s", cfg, key, exc)
+            continue
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        reps = 5
+        start.record()
+        for _ in range(reps):
+            run(cfg)
+        stop.record()
+        stop.synchronize()
+        timings.append((start.elapsed_time(stop) / reps, cfg))
+    if not timings:
+        raise RuntimeError(f"no Triton config compiled for {key}; tried {configs}")
+    best = min(timings, key=lambda t: t[0])[1]
+    log.debug("qkv triton: %s -> %s (%s)", key, best,
+              ", ".join(f"{c.block_m}x{c.block_n}/w{c.num_warps}/s{c.num_stages}: {ms:.3f} ms"
+                        for ms, c in timings))
+    _best[key] = best
+    return best

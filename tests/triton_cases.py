@@ -1,0 +1,257 @@
+"""The Triton kernels, run by Triton's CPU interpreter on small, odd shapes.
+
+Every result is compared with the float64 oracle (``reference_numpy`` for outputs and
+weights, the reference backend on float64 inputs for gradients) by the derived rule of
+DESIGN.md: at most 2x (outputs, weights) or 3x (gradients) the error of the same
+computation done plainly in the input dtype, + 1e-5. The interpreter cannot compute with
+bfloat16 (Triton stores it as raw uint16 there and ``tl.dot`` multiplies the bit patterns),
+so float16 and float32 are tested here and bfloat16 by ``benchmarks/gpu.py`` on a GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run by tests/test_triton.py in a process started with TRITON_INTERPRET=1",
+                allow_module_level=True)
+
+import qkv
+from qkv.backends.base import Call
+from qkv.backends.reference import masked_softmax
+from qkv.backends.triton import (
+    TritonBackend,
+    autotune,
+    interpreting,
+)
+from qkv.backends.triton.ops import triton_attention
+from qkv.functional import _prepare
+
+from helpers import assert_lowp_rule, lowp_baseline, oracle, rand_qkv
+
+B, HQ, HKV, LQ, LK = 2, 4, 2, 37, 53
+
+
+def test_kernels_run_in_the_interpreter():
+    import triton.language.standard as tl_standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert interpreting()
+    assert isinstance(tl_standard.zeros, InterpretedFunction)  # triton itself, too
+
+
+def check(q, k, v, *, grads=True, seed=11, **kw):
+    """Run triton and compare output (and gradients) with the oracle by the derived rule."""
+    out = qkv.attention(q, k, v, backend="triton", **kw)
+    assert out.dtype == q.dtype and out.shape == (*q.shape[:-1], v.shape[-1])
+    want, _ = oracle(q, k, v, **kw)
+    assert_lowp_rule(out, want, lowp_baseline(q, k, v, **kw))
+    if not grads:
+        return out
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(qkv.attention(q64, k64, v64, backend="reference", **kw),
+                               (q64, k64, v64), dout.double())
+    base = torch.autograd.grad(lowp_baseline(q, k, v, **kw), (q, k, v), dout)
+    for name, g, w, b in zip("qkv", got, want, base, strict=True):
+        assert g.dtype == q.dtype and g.shape == w.shape
+        assert_lowp_rule(g, w, b, factor=3.0, what=f"d{name}")
+    return out
+
+
+def lengths_mask(lengths, lk=LK):
+    return qkv.padding_mask(torch.tensor(lengths), lk)  # (B, 1, 1, Lk)
+
+
+@pytest.mark.parametrize("d,dv", [(16, 16), (40, 24), (64, 64)])
+def test_forward_backward_head_dims(d, dv):
+    check(*rand_qkv(B, HQ, HKV, LQ, LK, d, dv, dtype=torch.float16, requires_grad=True))
+
+
+@pytest.mark.parametrize("lq,lk", [(37, 53), (53, 37)])
+def test_causal_bottom_right(lq, lk):
+    """Lq > Lk leaves the first Lq - Lk queries with no key: output 0, gradients 0."""
+    q, k, v = rand_qkv(B, HQ, HKV, lq, lk, 40, dtype=torch.float16, requires_grad=True)
+    out = check(q, k, v, causal=True)
+    if lq > lk:
+        assert (out[:, :, : lq - lk] == 0).all()
+
+
+@pytest.mark.parametrize("kw", [
+    {"window": (5, 3)},
+    {"window": (7, None)},
+    {"causal": True, "window": 9},
+])
+def test_windows(kw):
+    check(*rand_qkv(B, HQ, HKV, LQ, LK, 40, dtype=torch.float16, requires_grad=True), **kw)
+
+
+@pytest.mark.parametrize("hkv", [1, 4])
+def test_mqa_and_plain_multi_head(hkv):
+    check(*rand_qkv(B, HQ, hkv, LQ, LK, 40, dtype=torch.float16, requires_grad=True),
+          causal=True)
+
+
+@pytest.mark.parametrize("lengths,causal", [([0, 20], False), ([50, 7], True)])
+def test_key_lengths(lengths, causal):
+    q, k, v = rand_qkv(B, HQ, HKV, LQ, LK, 40, dtype=torch.float16, requires_grad=True)
+    out = check(q, k, v, mask=lengths_mask(lengths), causal=causal)
+    if 0 in lengths:
+        assert (out[lengths.index(0)] == 0).all()
+
+
+def test_padded_keys_are_never_read():
+    """The backend claims handles_hidden_keys: NaN stored in padding must not leak."""
+    q, k, v = rand_qkv(B, HQ, HKV, LQ, LK, 16, dtype=torch.float16)
+    k[1, :, 20:], v[1, :, 20:] = float("nan"), float("nan")
+    k[0], v[0] = float("nan"), float("nan")
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    mask = lengths_mask([0, 20])
+    out = qkv.attention(q, k, v, mask=mask, backend="triton")
+    assert (out[0] == 0).all() and torch.isfinite(out).all()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+    assert (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[1, :, 20:] == 0).all()
+    clean = [t.detach().nan_to_num(0.0) for t in (q, k, v)]
+    assert_lowp_rule(out, oracle(*clean, mask=mask)[0], lowp_baseline(*clean, mask=mask))
+
+
+def test_hidden_blocks_are_skipped():
+    """Key blocks no query of a tile can see are never loaded: NaN values there stay out.
+
+    Causal, Lq = Lk = 64, 32 x 32 tiles: the first query tile needs keys 0..31 only. (Within
+    a visited block a hidden NaN value would reach the output through 0 * NaN, as in the
+    reference backend; skipping is what keeps it out here.)
+    """
+    q, k, v = rand_qkv(1, 2, 2, 64, 64, 16, dtype=torch.float16)
+    v[:, :, 40] = float("nan")
+    with autotune.override(autotune.Config(32, 32, 1, 1)):
+        out = qkv.attention(q, k, v, causal=True, backend="triton")
+    assert torch.isfinite(out[:, :, :32]).all()
+    assert torch.isnan(out[:, :, 40:]).all()  # they see key 40
+
+
+@pytest.mark.parametrize("config", [autotune.Config(16, 32, 1, 1), autotune.Config(32, 16, 1, 1)])
+def test_unequal_tiles(config):
+    """Query and key tiles of different sizes, neither dividing the lengths."""
+    q, k, v = rand_qkv(B, HQ, HKV, LQ, LK, 40, 24, dtype=torch.float16, requires_grad=True)
+    with autotune.override(config):
+        check(q, k, v, causal=True, window=(20, None))
+
+
+def test_float32_inputs():
+    """float32 (TF32 matmuls on a GPU; exact float32 in the interpreter)."""
+    check(*rand_qkv(B, HQ, HKV, LQ, LK, 40, dtype=torch.float32, requires_grad=True),
+          causal=True)
+
+
+def test_strided_inputs_and_gradient():
+    """(B, L, H, D) tensors viewed as (B, H, L, D), and a non-contiguous output gradient
+    (flash-attention #355)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, LQ, HQ, 40, generator=g).half().transpose(1, 2).requires_grad_()
+    k = torch.randn(B, LK, HKV, 40, generator=g).half().transpose(1, 2).requires_grad_()
+    v = torch.randn(B, LK, HKV, 40, generator=g).half().transpose(1, 2).requires_grad_()
+    out = qkv.attention(q, k, v, causal=True, backend="triton")
+    dout = torch.randn(B, LQ, HQ, 40, generator=g).half().transpose(1, 2)  # non-contiguous
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(
+        qkv.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True,
+                      backend="triton"), (q, k, v), dout.contiguous())
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def lowp_weights(q, k, v, **kw):
+    """The weights of the low-precision baseline: scores in the input dtype, softmax in
+    float32, rounded to the input dtype (lowp_baseline's steps, stopped at the weights)."""
+    call, _ = _prepare(q, k, v, mask=kw.get("mask"), causal=kw.get("causal", False),
+                       window=kw.get("window"), scale=None, dropout=0.0, return_weights=False,
+                       generator=None)
+    kk = call.k.repeat_interleave(call.groups, dim=1)  # (B, Hq, Lk, D)
+    scores = (call.q @ kk.transpose(-1, -2)).float() * call.scale  # (B, Hq, Lq, Lk)
+    return masked_softmax(scores, call.mask.dense(q.device)[0]).to(q.dtype)
+
+
+@pytest.mark.parametrize("kw", [
+    {"causal": True},
+    {"window": (6, 2), "mask": lengths_mask([0, 30])},
+])
+def test_return_weights(kw):
+    q, k, v = rand_qkv(B, HQ, HKV, LQ, LK, 40, dtype=torch.float16)
+    out, w = qkv.attention(q, k, v, return_weights=True, backend="triton", **kw)
+    want_out, want_w = oracle(q, k, v, **kw)
+    assert w.dtype == q.dtype and w.shape == (B, HQ, LQ, LK)
+    assert_lowp_rule(out, want_out, lowp_baseline(q, k, v, **kw))
+    assert_lowp_rule(w, want_w, lowp_weights(q, k, v, **kw), what="weights")
+    assert (w[want_w == 0] == 0).all()  # hidden pairs are exactly 0
+    # Rows sum to 1 (0 for a query that sees no key) up to rounding each weight to float16,
+    # a relative 2**-11 each, so 2**-11 in total.
+    sums = w.double().sum(-1)  # (B, Hq, Lq)
+    assert torch.allclose(sums, want_w.sum(-1), rtol=0, atol=2.0**-11 + 1e-5)
+
+
+def test_empty_keys_and_single_query():
+    q, k, v = rand_qkv(B, HQ, HKV, LQ, 0, 16, dtype=torch.float16, requires_grad=True)
+    out = qkv.attention(q, k, v, backend="triton")
+    assert out.shape == (B, HQ, LQ, 16) and (out == 0).all()
+    dq, = torch.autograd.grad(out, (q,), torch.ones_like(out))
+    assert (dq == 0).all()
+    # One new query against a cache of keys (decoding), with per-batch lengths.
+    check(*rand_qkv(B, HQ, HKV, 1, LK, 16, dtype=torch.float16, requires_grad=True),
+          causal=True, mask=lengths_mask([LK, 9]))
+
+
+def test_torch_compile_has_no_graph_break():
+    q, k, v = rand_qkv(1, 2, 1, 20, 30, 16, dtype=torch.float16, requires_grad=True)
+
+    def loss(q, k, v):
+        return qkv.attention(q, k, v, causal=True, backend="triton").float().square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_plain_function_returns_the_log_sum_exp():
+    q, k, v = rand_qkv(1, 2, 2, 5, 7, 16, dtype=torch.float32)
+    _out, lse = triton_attention(q, k, v, scale=0.25, right=0, lengths=torch.tensor([4],
+                                dtype=torch.int32))
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25  # (1, 2, 5, 7)
+    hidden = ~qkv.causal_mask(5, 7) | (torch.arange(7) >= 4)  # (5, 7)
+    want = torch.logsumexp(s.masked_fill(hidden, float("-inf")), -1) / torch.log(
+        torch.tensor(2.0, dtype=torch.float64))  # log2 units
+    assert torch.allclose(lse.double(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,why", [
+    ({"mask": torch.ones(LQ, LK, dtype=torch.bool)}, "bool mask other than key padding"),
+    ({"mask": lengths_mask([3, 5]).logical_not()}, "bool mask other than key padding"),
+    ({"mask": torch.zeros(LQ, LK)}, "additive float mask"),
+    ({"dropout": 0.1}, "dropout"),
+    ({"scale": -1.0}, "scale <= 0"),
+])
+def test_unsupported_options_raise(kw, why):
+    q, k, v = rand_qkv(B, HQ, HKV, LQ, LK, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match=f"backend 'triton' cannot do this call.*{why}"):
+        qkv.attention(q, k, v, backend="triton", **kw)
+
+
+def test_unsupported_dtype_device_and_weight_gradients():
+    be = TritonBackend()
+    q, k, v = rand_qkv(1, 2, 2, 4, 4, 16, dtype=torch.float64)
+    call, _ = _prepare(q, k, v, mask=None, causal=False, window=None, scale=None, dropout=0.0,
+                       return_weights=False, generator=None)
+    assert "torch.float64" in be.unsupported(call)
+    q, k, v = (t.half().requires_grad_() for t in (q, k, v))
+    call = Call(q, k, v, call.mask, call.scale, return_weights=True)
+    assert "return_weights=True with gradients" in be.unsupported(call)
+    with torch.no_grad():
+        assert be.unsupported(call) is None
