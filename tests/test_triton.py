@@ -29,3 +29,15 @@ def test_triton_kernels_under_the_interpreter():
     assert proc.returncode == 0, f"triton cases failed under the interpreter:\n{report}"
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, report
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter on")
+def test_cpu_tensors_without_the_interpreter_are_refused():
+    import torch
+
+    import qkv
+
+    q = torch.randn(1, 2, 3, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"backend 'triton' cannot do this call.*cpu tensors"):
+        qkv.attention(q, q, q, backend="triton")
+    assert qkv.attention(q, q, q).shape == (1, 2, 3, 16)  # auto falls back

@@ -39,7 +39,7 @@ from .common import (
 )
 
 
-@triton.jit(do_not_specialize=["LQ"])
+@triton.jit(do_not_specialize=["H", "LQ"])
 def _delta_kernel(O, DO, DELTA,
                   stride_oz, stride_oh, stride_om, stride_ok,
                   stride_dz, stride_dh, stride_dm, stride_dk,
@@ -92,7 +92,7 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, LQ, kv_len, qk
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["LQ", "LK", "OFF", "LEFT", "RIGHT"])
+@triton.jit(do_not_specialize=["HQ", "HKV", "LQ", "LK", "OFF", "LEFT", "RIGHT", "GROUPS"])
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS,
                  stride_qz, stride_qh, stride_qm, stride_qk,
                  stride_kz, stride_kh, stride_kn, stride_kk,
@@ -101,7 +101,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS,
                  stride_dkz, stride_dkh, stride_dkn, stride_dkk,
                  stride_dvz, stride_dvh, stride_dvn, stride_dvk,
                  HQ, HKV, LQ, LK, scale, qk_scale, OFF, LEFT, RIGHT,
-                 GROUPS: tl.constexpr,
+                 GROUPS,
                  HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -185,7 +185,7 @@ def _dq_blocks(dq, q, do, lse, delta, K, V, offs_m, lo, hi, kv_len, qk_scale,
     return dq
 
 
-@triton.jit(do_not_specialize=["LQ", "LK", "OFF", "LEFT", "RIGHT"])
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "OFF", "LEFT", "RIGHT", "GROUPS"])
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LENGTHS,
                stride_qz, stride_qh, stride_qm, stride_qk,
                stride_kz, stride_kh, stride_kn, stride_kk,
@@ -193,7 +193,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LENGTHS,
                stride_doz, stride_doh, stride_dom, stride_dok,
                stride_dqz, stride_dqh, stride_dqm, stride_dqk,
                H, LQ, LK, scale, qk_scale, OFF, LEFT, RIGHT,
-               GROUPS: tl.constexpr,
+               GROUPS,
                HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

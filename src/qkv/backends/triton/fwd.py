@@ -67,14 +67,14 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, lo, hi, kv_len, qk_scale,
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["LQ", "LK", "OFF", "LEFT", "RIGHT"])
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "OFF", "LEFT", "RIGHT", "GROUPS"])
 def _fwd_kernel(Q, K, V, O, LSE, LENGTHS,
                 stride_qz, stride_qh, stride_qm, stride_qk,
                 stride_kz, stride_kh, stride_kn, stride_kk,
                 stride_vz, stride_vh, stride_vn, stride_vk,
                 stride_oz, stride_oh, stride_om, stride_ok,
                 H, LQ, LK, qk_scale, OFF, LEFT, RIGHT,
-                GROUPS: tl.constexpr,
+                GROUPS,
                 HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -17,13 +17,13 @@ from . import autotune
 from .common import LOG2E, band_args, block_dim, load_lse, load_tile, visible
 
 
-@triton.jit(do_not_specialize=["LQ", "LK", "OFF", "LEFT", "RIGHT"])
+@triton.jit(do_not_specialize=["H", "LQ", "LK", "OFF", "LEFT", "RIGHT", "GROUPS"])
 def _weights_kernel(Q, K, LSE, W, LENGTHS,
                     stride_qz, stride_qh, stride_qm, stride_qk,
                     stride_kz, stride_kh, stride_kn, stride_kk,
                     stride_wz, stride_wh, stride_wm, stride_wn,
                     H, LQ, LK, qk_scale, OFF, LEFT, RIGHT,
-                    GROUPS: tl.constexpr, HEAD_DK: tl.constexpr, BLOCK_DK: tl.constexpr,
+                    GROUPS, HEAD_DK: tl.constexpr, BLOCK_DK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     HAS_LENGTHS: tl.constexpr):
