@@ -1,0 +1,33 @@
+"""qkv beyond one device, on PyTorch's own distributed engine (``torch.distributed``).
+
+* :func:`ring_attention`: exact self-attention of a sequence sharded over the ranks of a
+  process group (key/value shards travel around a ring; contiguous or zigzag layout);
+  :func:`shard_sequence` / :func:`unshard_sequence` / :func:`shard_positions` /
+  :func:`gather_sequence` move between a full sequence and its shards.
+* :mod:`qkv.distributed.ddp`: multi-process training of the seq2seq model with
+  ``DistributedDataParallel`` (``qkv train --nproc N`` or ``torchrun``).
+"""
+
+from __future__ import annotations
+
+from .ring import (
+    LAYOUTS,
+    RingStats,
+    gather_sequence,
+    record_ring_stats,
+    ring_attention,
+    shard_positions,
+    shard_sequence,
+    unshard_sequence,
+)
+
+__all__ = [
+    "LAYOUTS",
+    "RingStats",
+    "gather_sequence",
+    "record_ring_stats",
+    "ring_attention",
+    "shard_positions",
+    "shard_sequence",
+    "unshard_sequence",
+]
