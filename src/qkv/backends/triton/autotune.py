@@ -58,8 +58,10 @@ def override(config: Config) -> Iterator[None]:
 
 
 def candidates(kernel: str, block_d: int, device: torch.device) -> list[Config]:
-    """The configs worth trying for ``kernel`` ("fwd", "dkdv", "dq") at padded head dim
-    ``block_d`` on ``device``."""
+    """The configs worth trying for ``kernel`` ("fwd", "dkdv", "dq", "weights") at padded
+    head dim ``block_d`` on ``device``: Hopper-shaped first (128-row tiles, 8 warps, 2-3
+    stages), then smaller tiles for other GPUs and large heads. Three for the forward, two
+    for each backward kernel, so that the first calls of a shape compile only a few."""
     if _forced is not None:
         return [_forced]
     if device.type != "cuda":
@@ -72,19 +74,15 @@ def candidates(kernel: str, block_d: int, device: torch.device) -> list[Config]:
         if block_d <= 128:
             return [Config(128, 64, 8, 3), Config(128, 128, 8, 2 if hopper else 1),
                     Config(64, 64, 4, 3)]
-        return [Config(64, 64, 4, 2), Config(128, 64, 8, 2), Config(64, 32, 4, 2)]
+        return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
     if kernel == "dkdv":  # keys resident (block_n), queries streamed (block_m)
-        if block_d <= 64:
-            return [Config(64, 128, 8, 3), Config(32, 128, 4, 3), Config(64, 64, 4, 3)]
         if block_d <= 128:
-            return [Config(64, 128, 8, 2), Config(32, 128, 8, 3), Config(64, 64, 4, 2)]
-        return [Config(32, 64, 4, 2), Config(64, 64, 8, 1), Config(16, 64, 4, 2)]
+            return [Config(64, 128, 8, 2), Config(32, 128, 4, 3)]
+        return [Config(32, 64, 4, 2), Config(16, 64, 4, 2)]
     if kernel == "dq":  # queries resident (block_m), keys streamed (block_n)
-        if block_d <= 64:
-            return [Config(128, 64, 8, 3), Config(128, 32, 4, 3), Config(64, 64, 4, 3)]
         if block_d <= 128:
-            return [Config(128, 64, 8, 2), Config(128, 32, 8, 3), Config(64, 64, 4, 2)]
-        return [Config(64, 32, 4, 2), Config(64, 64, 8, 1), Config(64, 16, 4, 2)]
+            return [Config(128, 64, 8, 2), Config(128, 32, 4, 3)]
+        return [Config(64, 32, 4, 2), Config(64, 16, 4, 2)]
     if kernel == "weights":  # memory-bound: one sane tile
         return [Config(64, 64, 4, 2) if block_d <= 128 else Config(32, 64, 4, 2)]
     raise ValueError(f"unknown kernel {kernel!r}; expected 'fwd', 'dkdv', 'dq' or 'weights'")
