@@ -29,7 +29,7 @@ def _root() -> None:
 
 
 # Importing a command module registers its command on `app`.
-from . import demo  # noqa: E402,F401
+from . import demo  # noqa: E402,F401,I001  (one import per command module)
 from . import explain  # noqa: E402,F401  (qkv explain)
 from . import train  # noqa: E402,F401  (qkv train, qkv translate)
 

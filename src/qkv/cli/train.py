@@ -58,9 +58,13 @@ def train_command(
     eval_size: Annotated[int | None, _opt("Validation examples (default: 1000).")] = None,
     checkpoint_every: Annotated[int | None, _opt("Checkpoint every N steps (default: 250).")]
     = None,
+    threads: Annotated[int | None, _opt("CPU threads for torch (default: torch's choice). "
+                                        "On a busy machine 1 is often fastest for small "
+                                        "models.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a Transformer encoder-decoder on TASK and save checkpoints in --out."""
+    import torch
     from rich.console import Console
 
     from ..tasks import TASKS
@@ -77,6 +81,10 @@ def train_command(
         "checkpoint_every": checkpoint_every,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1; got {threads}")
+        torch.set_num_threads(threads)
     run_dir = out if out is not None else Path("runs") / task
     console = Console(stderr=True)
     if resume:
@@ -93,7 +101,12 @@ def train_command(
                              + ", ".join(diff) + "; drop these options to resume")
         cfg = None
     else:
+        from ..checkpoint import has_checkpoint
+
         cfg = TrainConfig(task=task, **{**_DEFAULTS, **given})
+        if has_checkpoint(run_dir):
+            raise ValueError(f"{run_dir} already holds a checkpoint; pass --resume to continue "
+                             "it or choose another --out")
     label = "resuming" if resume else "training"
     console.print(f"[bold]{label}[/bold] {task} in {run_dir}")
     result = train(cfg, run_dir, resume=resume, progress=not quiet, console=console,
@@ -167,7 +180,7 @@ def translate_command(
         if output.suffix.lower() in (".html", ".htm"):
             from ..viz import html
 
-            html.save(amap, output)
+            html.save(amap, output, layer=layer, head=heads[0])
         else:
             from ..viz import png
 
