@@ -7,6 +7,7 @@ how. Backends whose dependencies are optional (Triton) register only when import
 from __future__ import annotations
 
 from .base import Backend, Call
+from .chunked import ChunkedBackend, memory_reason, sdpa_needs_dense_mask
 from .reference import ReferenceBackend
 from .torch_sdpa import TorchSDPABackend
 
@@ -41,13 +42,20 @@ def auto_order(call: Call) -> list[tuple[str, str]]:
     order = []
     if call.q.is_cuda:
         order.append(("triton", "fused kernel on a CUDA device"))
+    big = memory_reason(call)  # why the reference is too big for this call, or None
+    dense = big is not None and sdpa_needs_dense_mask(call)
+    if dense:
+        order.append(("chunked", f"{big}; torch SDPA would need a dense (Lq x Lk) mask"))
     order.append(("torch", "PyTorch's fused SDPA kernels are the fastest general path"))
+    if big is not None and not dense:
+        order.append(("chunked", big))
     order.append(("reference", "the only backend left that does every option"))
     return [(n, why) for n, why in order if n in _REGISTRY]
 
 
 register(ReferenceBackend())
 register(TorchSDPABackend())
+register(ChunkedBackend())
 
 try:  # the fused kernels need Triton (PyTorch's CUDA wheels bring it)
     import triton  # noqa: F401
