@@ -112,6 +112,15 @@ def test_zero_lengths_give_zeros_and_zero_grads(lq, lk):
         assert t.grad is None or not t.grad.any()
 
 
+def test_block_sizes_must_be_positive_ints():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="block_q must be a positive int"), block_sizes(bad):
+            pass
+    with block_sizes(block_k=3):
+        q, k, _ = rand_qkv(1, 2, 2, 10, 10, 4)
+        assert chunked.plan_blocks(q, k).block_k == 3
+
+
 def test_explicit_and_zero_scale():
     q, k, v = rand_qkv(1, 2, 2, 30, 41, 8)
     chunked_vs_oracle(q, k, v, (8, 16), scale=0.37)
@@ -151,6 +160,10 @@ def test_threads_do_not_change_the_result(monkeypatch):
     for a, b in zip(results[1][0], results[3][0], strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert torch.get_num_threads() == threads  # the caller's setting is restored
+    with torch.inference_mode():  # the worker threads run in the caller's grad mode
+        out = qkv.attention(q, k, v, backend="chunked", causal=True)
+    assert out.is_inference()
+    assert torch.allclose(out, results[1][0][0], rtol=1e-5, atol=1e-6)
 
 
 # ---- low precision ------------------------------------------------------------------------------

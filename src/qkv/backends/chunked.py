@@ -50,10 +50,16 @@ Building blocks (ring attention shards the keys over processes and builds on the
 * :func:`chunked_attention`: the differentiable function that the backend runs.
 
 Block sizes. :func:`plan_blocks` picks them per device and compute dtype so that one block
-of scores stays small (:data:`BLOCK_ELEMENTS`; cache-sized on CPU), and splits the heads
-into groups when even the smallest query block would exceed it. Tests and experiments
-override them with the :func:`block_sizes` context manager or the ``block_q``/``block_k``
-arguments.
+of scores stays small (:data:`BLOCK_ELEMENTS`; cache-sized on CPU; :data:`BLOCK_K` keys),
+and splits the heads into groups when even the smallest query block would exceed it. Tests
+and experiments override them with the :func:`block_sizes` context manager
+(``with block_sizes(64, 128): ...``) or the ``block_q``/``block_k`` arguments.
+
+CPU threads. The blocks of queries are dealt, before any work starts, to
+:data:`WORKERS` threads (default ``torch.get_num_threads()``), each running PyTorch
+operations single-threaded; the caller's thread setting is restored afterwards. Results do
+not depend on the number of threads or their timing (gradients of k and v are summed over
+the threads' shares in a fixed order).
 
 ``backend="auto"`` prefers this backend when the reference would need more than
 :data:`REFERENCE_MEMORY_BUDGET` bytes (:func:`memory_reason`).
@@ -77,18 +83,23 @@ from .base import Backend, Call
 
 __all__ = [
     "BLOCK_ELEMENTS",
+    "BLOCK_K",
     "REFERENCE_MEMORY_BUDGET",
+    "WORKERS",
     "ChunkedBackend",
+    "Plan",
     "block_sizes",
     "chunked_attention",
     "chunked_backward",
     "chunked_forward",
     "chunked_weights",
+    "draw_seed",
     "dropout_keep",
     "memory_reason",
     "merge_partials",
     "plan_blocks",
     "reference_memory",
+    "sdpa_needs_dense_mask",
 ]
 
 LOG2E = 1.0 / math.log(2.0)  # scores * LOG2E turn exp(x) into exp2(x * LOG2E)
@@ -99,11 +110,11 @@ LN2 = math.log(2.0)
 REFERENCE_MEMORY_BUDGET: int = 1 << 30
 
 #: Most elements of one block of scores, ``heads x block_q x block_k``, per device type.
-#: On CPU a block (4 MiB of float32) stays in cache between the matrix product that
+#: On CPU a block (2 MiB of float32) stays in cache between the matrix product that
 #: writes it and the ones that read it; on GPUs larger blocks amortise kernel launches.
-BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 20, "cuda": 1 << 24}
+BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 19, "cuda": 1 << 24}
 #: Keys per block, per device type (queries per block follow from BLOCK_ELEMENTS).
-BLOCK_K: dict[str, int] = {"cpu": 512, "cuda": 1024}
+BLOCK_K: dict[str, int] = {"cpu": 256, "cuda": 1024}
 _MIN_BLOCK_Q, _MAX_BLOCK_Q = 32, 1024
 
 #: CPU threads a chunked call is split over (None: ``torch.get_num_threads()``). Each
@@ -144,15 +155,16 @@ class Plan:
     heads: int  # key/value heads (each with its G query heads) computed together
 
 
-def plan_blocks(q: Tensor, k: Tensor, *, block_q: int | None = None,
+def plan_blocks(q: Tensor, k: Tensor, *, mask: Mask | None = None, block_q: int | None = None,
                 block_k: int | None = None) -> Plan:
     """Block sizes for ``q (B, Hq, Lq, D)`` and ``k (B, Hkv, Lk, D)``.
 
     Explicit arguments win, then :func:`block_sizes`, then the device defaults: ``block_k``
     from :data:`BLOCK_K` and ``block_q`` as large as :data:`BLOCK_ELEMENTS` allows for all
-    heads at once (a power of two from 32 to 1024), halved while that leaves fewer than two
-    blocks of queries per CPU thread. When even 32 rows of every head exceed the budget,
-    the heads are processed in groups.
+    heads at once (a power of two from 32 to 1024; at most ``block_k`` when ``mask`` has a
+    causal/window band, so that blocks on the diagonal waste little), halved while that
+    leaves fewer than two blocks of queries per CPU thread. When even 32 rows of every head
+    exceed the budget, the heads are processed in groups.
     """
     b, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -171,6 +183,8 @@ def plan_blocks(q: Tensor, k: Tensor, *, block_q: int | None = None,
         rows = budget // max(1, b * hq * bk)
         bq = 1 << max(0, rows.bit_length() - 1)  # a power of two
         bq = min(max(bq, _MIN_BLOCK_Q), _MAX_BLOCK_Q)
+        if mask is not None and mask.has_band:
+            bq = min(bq, max(_MIN_BLOCK_Q, bk))
     bq = max(1, min(bq, lq))
     heads = max(1, min(hkv, budget // max(1, g * bq * bk)))
     if auto_q:
@@ -284,11 +298,14 @@ def _run_shares(shares: list[list], work: Callable[[int, list], None]) -> None:
             work(i, share)
         return
 
+    inference = torch.is_inference_mode_enabled()  # grad modes are per thread: carry it
+
     def run(i: int) -> None:
         torch.set_num_threads(1)
         _worker_state.active = True
         try:
-            with torch.no_grad():
+            # inference_mode(False) switches grad mode on, so no_grad goes inside it
+            with torch.inference_mode(inference), torch.no_grad():
                 work(i, shares[i])
         finally:
             _worker_state.active = False
@@ -519,7 +536,7 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *
     them): as in the reference, their values meet a weight of exactly 0.
     """
     _check_qkv(q, k, v, mask)
-    plan = plan_blocks(q, k, block_q=block_q, block_k=block_k)
+    plan = plan_blocks(q, k, mask=mask, block_q=block_q, block_k=block_k)
     bl = _Blocks(q, k, v, mask, scale, plan, dropout=dropout, seed=seed, offsets=offsets)
     dv = v.shape[-1]
     out = torch.empty(bl.b, bl.hkv, bl.g, bl.lq, dv, dtype=bl.ct, device=q.device)
@@ -591,7 +608,7 @@ def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float, lse: Tensor,
     values (dropped = 0, kept scaled by ``1/(1-p)``). Returns ``out``.
     """
     _check_qkv(q, k, None, mask)
-    plan = plan_blocks(q, k, block_q=block_q, block_k=block_k)
+    plan = plan_blocks(q, k, mask=mask, block_q=block_q, block_k=block_k)
     bl = _Blocks(q, k, None, mask, scale, plan, dropout=dropout, seed=seed, offsets=offsets)
     lse5 = _lse2(lse).view(bl.b, bl.hkv, bl.g, bl.lq, 1)
     out.zero_()  # blocks the band hides stay 0
@@ -640,7 +657,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor,
         ``dS = P * (dP - delta)``, ``dq = scale dS k``, ``dk = scale dS^T q``.
     """
     _check_qkv(q, k, v, mask)
-    plan = plan_blocks(q, k, block_q=block_q, block_k=block_k)
+    plan = plan_blocks(q, k, mask=mask, block_q=block_q, block_k=block_k)
     bl = _Blocks(q, k, v, mask, scale, plan, dropout=dropout, seed=seed, offsets=offsets)
     b, hkv, g, lq, lk = bl.b, bl.hkv, bl.g, bl.lq, bl.lk
     d, dv_ = q.shape[-1], v.shape[-1]
