@@ -38,6 +38,7 @@ from .checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from .distributed.ddp import DataParallel, target_tokens
 from .models.seq2seq import Transformer, TransformerConfig
 from .tasks import PAD, CharTokenizer, Task, get_task
 
@@ -296,6 +297,9 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
         ck = None
 
     device = resolve_device(cfg.device)
+    par = DataParallel.current(device)  # None unless torch.distributed runs > 1 process
+    if par is not None:
+        device = par.device
     task: Task = get_task(cfg.task, **cfg.task_options)
     if ck is not None:
         tok = CharTokenizer.from_dict(ck.state["tokenizer"])
@@ -319,6 +323,11 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
         set_rng_state(ck.state["rng"])
         history = list(ck.state.get("history", []))
         start = ck.step
+    net = model  # what the training step calls: the model, or DDP around it
+    if par is not None:
+        par.check_start(cfg.to_dict(), start, cfg.batch_size)
+        par.seed_dropout(cfg.seed, start)
+        net = par.wrap(model)
     valid = task.validation(cfg.eval_size)
     max_len = task.max_target_len + 1
 
@@ -326,7 +335,9 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
         tensors, meta = optimizer_to_parts(opt.state_dict())
         write_checkpoint(out, step, model.state_dict(), tensors, {
             "config": cfg.to_dict(), "tokenizer": tok.to_dict(), "optimizer": meta,
-            "rng": rng_state(device), "data": {"seed": cfg.seed, "next_step": step},
+            "rng": rng_state(device), "data": {"seed": cfg.seed, "next_step": step,
+                                               **({} if par is None else
+                                                  {"world_size": par.world})},
             "max_target_len": task.max_target_len,
             "history": history,
         })
@@ -334,7 +345,7 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
     model.train()
     t0 = time.perf_counter()
     done, valid_exact, interrupted = start, None, False
-    bar = _Bar(cfg, start, console) if progress else None
+    bar = _Bar(cfg, start, console) if progress and (par is None or par.is_main) else None
     tokens_seen, t_tok = 0, time.perf_counter()
     try:
         with _Interrupt() as stop:
@@ -342,26 +353,42 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
                 lr = lr_at(cfg, step)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                src, tgt_in, tgt_out = _tensors(tok, task.batch(cfg.seed, step, cfg.batch_size),
+                batch = task.batch(cfg.seed, step, cfg.batch_size)
+                src, tgt_in, tgt_out = _tensors(tok, batch if par is None else par.part(batch),
                                                 device)
-                logits = model(src, tgt_in)  # (B, Lt, V)
+                logits = net(src, tgt_in)  # (B, Lt, V)
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                        tgt_out.reshape(-1), ignore_index=PAD,
-                                       label_smoothing=cfg.label_smoothing)
+                                       label_smoothing=cfg.label_smoothing,
+                                       reduction="mean" if par is None else "sum")
+                if par is not None:  # DDP's average over ranks = the global batch's mean
+                    loss = loss * par.loss_scale(target_tokens(tok, batch))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
                 opt.step()
                 real = tgt_out != PAD  # (B, Lt)
-                acc = ((logits.argmax(-1) == tgt_out) & real).sum().item() / real.sum().item()
-                tokens_seen += int(real.sum()) + int((src != PAD).sum())
-                rec = {"step": step + 1, "loss": loss.item(), "acc": acc, "lr": lr}
+                right = ((logits.argmax(-1) == tgt_out) & real).sum().item()
+                count = real.sum().item()
+                tokens, loss_value = int(real.sum()) + int((src != PAD).sum()), loss.item()
+                if par is not None:  # the global batch's numbers; every rank stops together
+                    loss_value, right, count, tokens, asked = par.sum(
+                        loss_value / par.world, right, count, tokens, stop.requested)
+                    stop.requested = asked > 0
+                acc = right / count
+                tokens_seen += int(tokens)
+                rec = {"step": step + 1, "loss": loss_value, "acc": acc, "lr": lr}
                 done = step + 1
                 if done % cfg.eval_every == 0 or done == cfg.steps:
-                    valid_exact = evaluate(model, tok, valid, max_len=max_len)
+                    if par is None:
+                        valid_exact = evaluate(model, tok, valid, max_len=max_len)
+                    else:
+                        valid_exact = par.mean_over_ranks(
+                            lambda ex: evaluate(model, tok, ex, max_len=max_len), valid)
                     rec["valid_exact"] = valid_exact
-                    if log is not None:
+                    rec["seconds"] = time.perf_counter() - t0  # wall time of this process
+                    if log is not None and (par is None or par.is_main):
                         log(f"step {done}/{cfg.steps}  loss {rec['loss']:.4f}  token acc "
                             f"{acc:.3f}  valid exact-match {valid_exact:.4f}  "
                             f"({time.perf_counter() - t0:.0f} s)")
@@ -371,7 +398,10 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
                     bar.update(done, rec, tokens_seen / max(now - t_tok, 1e-9), valid_exact)
                 interrupted = stop.requested
                 if interrupted or done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    save(done)
+                    if par is None or par.is_main:
+                        save(done)
+                    if par is not None:  # nobody reads or moves on before it is written
+                        par.barrier()
                 if interrupted:
                     break
     finally:

@@ -62,13 +62,17 @@ def train_command(
                                         "On a busy machine 1 is often fastest for small "
                                         "models.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    nproc: Annotated[int | None, _opt("Train data-parallel on N local processes "
+                                      "(DistributedDataParallel: gloo on CPU, NCCL with one "
+                                      "GPU each); --batch-size is the global batch, split "
+                                      "across them. Leave it out under torchrun.")] = None,
 ) -> None:
     """Train a Transformer encoder-decoder on TASK and save checkpoints in --out."""
     import torch
     from rich.console import Console
 
     from ..tasks import TASKS
-    from ..train import TrainConfig, evaluate, load_run, train
+    from ..train import TrainConfig, evaluate, load_run
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -107,10 +111,16 @@ def train_command(
         if has_checkpoint(run_dir):
             raise ValueError(f"{run_dir} already holds a checkpoint; pass --resume to continue "
                              "it or choose another --out")
+    from ..distributed.ddp import env_rank, run_training
+
     label = "resuming" if resume else "training"
-    console.print(f"[bold]{label}[/bold] {task} in {run_dir}")
-    result = train(cfg, run_dir, resume=resume, progress=not quiet, console=console,
-                   log=console.print if quiet else None)
+    if env_rank() == 0:  # under torchrun, rank 0 speaks for every process
+        console.print(f"[bold]{label}[/bold] {task} in {run_dir}"
+                      + (f" on {nproc} processes" if nproc and nproc > 1 else ""))
+    result = run_training(cfg, run_dir, resume=resume, quiet=quiet, nproc=nproc,
+                          threads=threads, console=console)
+    if result is None:  # one of torchrun's other ranks
+        return
     if result.interrupted:
         console.print(f"interrupted at step {result.step}: checkpoint saved in {run_dir}; "
                       f"continue with: qkv train {task} --out {run_dir} --resume")
