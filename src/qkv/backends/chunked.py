@@ -55,11 +55,12 @@ and splits the heads into groups when even the smallest query block would exceed
 and experiments override them with the :func:`block_sizes` context manager
 (``with block_sizes(64, 128): ...``) or the ``block_q``/``block_k`` arguments.
 
-CPU threads. The blocks of queries are dealt, before any work starts, to
-:data:`WORKERS` threads (default ``torch.get_num_threads()``), each running PyTorch
-operations single-threaded; the caller's thread setting is restored afterwards. Results do
-not depend on the number of threads or their timing (gradients of k and v are summed over
-the threads' shares in a fixed order).
+CPU threads. The blocks of queries are spread over :data:`WORKERS` threads (default
+``torch.get_num_threads()``), each running PyTorch operations single-threaded; the
+caller's thread setting is restored afterwards. In the forward an idle thread takes the
+next block (each block writes its own rows); in the backward the blocks are dealt
+beforehand and the gradients of k and v are summed over the threads' shares in a fixed
+order. So results never depend on thread timing.
 
 ``backend="auto"`` prefers this backend when the reference would need more than
 :data:`REFERENCE_MEMORY_BUDGET` bytes (:func:`memory_reason`).
@@ -120,8 +121,7 @@ _MIN_BLOCK_Q, _MAX_BLOCK_Q = 32, 1024
 #: CPU threads a chunked call is split over (None: ``torch.get_num_threads()``). Each
 #: thread runs its share of the blocks with single-threaded PyTorch operations: many small
 #: multi-threaded operations would each end in a barrier that stalls whenever another
-#: process holds one of the cores. The shares are fixed before the work starts, so results
-#: do not depend on thread timing.
+#: process holds one of the cores. Results do not depend on thread timing.
 WORKERS: int | None = None
 
 _override: tuple[int | None, int | None] = (None, None)
@@ -322,6 +322,21 @@ def _run_shares(shares: list[list], work: Callable[[int, list], None]) -> None:
         f.result()  # re-raise a worker's error
 
 
+class _Queue:
+    """Units handed to whichever thread asks first (a thread-safe iterator)."""
+
+    def __init__(self, units: list):
+        self._it = iter(units)
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> _Queue:
+        return self
+
+    def __next__(self):
+        with self._lock:
+            return next(self._it)
+
+
 def _split(units: list, costs: list[int], workers: int) -> list[list]:
     """Deal units to at most ``workers`` shares of about equal cost (largest first, each to
     the least loaded share), keeping each share in the original order. Deterministic."""
@@ -378,8 +393,11 @@ class _Blocks:
                 for h0 in range(0, self.hkv, step):
                     yield b0, b0 + 1, h0, min(h0 + step, self.hkv)
 
-    def shares(self) -> list[list[tuple[tuple[int, int, int, int], int, int]]]:
-        """Every unit (grp, q0, q1), dealt to the CPU threads by the keys each must visit."""
+    def shares(self, *, fixed: bool) -> list:
+        """Every unit (grp, q0, q1), for the CPU threads. ``fixed``: dealt beforehand by the
+        keys each unit visits (results then do not depend on timing; the backward needs
+        that); else one queue from which idle threads take the next unit, costliest first
+        (units write disjoint rows, so the order does not matter)."""
         units, costs = [], []
         for grp in self.groups():
             heads = (grp[1] - grp[0]) * (grp[3] - grp[2])
@@ -388,7 +406,11 @@ class _Blocks:
                 units.append((grp, q0, q1))
                 costs.append(heads * (q1 - q0) * sum(k1 - k0 for k0, k1, _ in
                                                      self.states(q0, q1)))
-        return _split(units, costs, _workers(self.device))
+        workers = max(1, min(_workers(self.device), len(units)))
+        if fixed:
+            return _split(units, costs, workers)
+        order = sorted(range(len(units)), key=lambda i: -costs[i])
+        return [_Queue([units[i] for i in order])] * workers
 
     def states(self, q0: int, q1: int) -> Iterator[tuple[int, int, BlockState]]:
         """Key blocks (k0, k1, state) for queries q0:q1, skipping the band's HIDDEN ones."""
@@ -550,7 +572,7 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *
             out[b0:b1, h0:h1, :, q0:q1] = o.view(*rows, dv)
             lse[b0:b1, h0:h1, :, q0:q1] = l2.view(rows) * LN2
 
-    _run_shares(bl.shares(), work)
+    _run_shares(bl.shares(fixed=False), work)
     return out.view(bl.b, bl.hq, bl.lq, dv), lse.view(bl.b, bl.hq, bl.lq)
 
 
@@ -626,7 +648,7 @@ def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float, lse: Tensor,
                 dst = out5[b0:b1, h0:h1, :, q0:q1, k0:k1]  # (b, Hkv', G, bq, bk)
                 dst.copy_(p.view(dst.shape))
 
-    _run_shares(bl.shares(), work)
+    _run_shares(bl.shares(fixed=False), work)
     return out
 
 
@@ -668,7 +690,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor,
     }
     dw5 = None if dweights is None else dweights.reshape(b, hkv, g, lq, lk)
     dq = torch.zeros(b, hkv, g, lq, d, dtype=bl.ct, device=q.device)  # (B, Hkv, G, Lq, D)
-    shares = bl.shares()
+    shares = bl.shares(fixed=True)
     # dk, dv (and dbias) gather contributions from every query block: one private
     # accumulator per share, summed in a fixed order afterwards.
     dks = [torch.zeros(b * hkv, lk, d, dtype=bl.ct, device=q.device) for _ in shares]
