@@ -120,7 +120,7 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(cfg.d_model, cfg.ff_dim, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """``x (B, Ls, E)``; ``mask (B, 1, 1, Ls)`` True = real key, False = padding."""
         x = x + self.drop(self.self_attn(self.norm1(x), mask=mask))  # (B, Ls, E)
         return x + self.drop(self.ff(self.norm2(x)))  # (B, Ls, E)
@@ -138,7 +138,7 @@ class DecoderLayer(nn.Module):
         self.ff = FeedForward(cfg.d_model, cfg.ff_dim, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, y: Tensor, memory: Tensor, memory_mask: Tensor, *,
+    def forward(self, y: Tensor, memory: Tensor, memory_mask: Tensor | None, *,
                 self_cache: KVCache | None = None, cross_cache: KVCache | None = None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """``y (B, Lt, E)`` attends causally to itself and to ``memory (B, Ls, E)``.
@@ -146,7 +146,9 @@ class DecoderLayer(nn.Module):
         Returns ``y (B, Lt, E)`` and, with ``need_weights``, the cross-attention weights
         ``(B, H, Lt, Ls)`` (else None). With caches, ``y`` holds only the new positions.
         """
-        y = y + self.drop(self.self_attn(self.norm1(y), causal=True, cache=self_cache))
+        # One new query after cached keys sees every key: causal hides nothing there.
+        causal = self_cache is None or self_cache.length == 0 or y.shape[1] > 1
+        y = y + self.drop(self.self_attn(self.norm1(y), causal=causal, cache=self_cache))
         res = self.cross_attn(self.norm2(y), memory, mask=memory_mask, cache=cross_cache,
                               need_weights=need_weights)
         out, weights = res if need_weights else (res, None)
@@ -157,9 +159,9 @@ class DecoderLayer(nn.Module):
 class DecodeState:
     """Everything incremental decoding keeps between steps, for a batch of ``B`` rows."""
 
-    def __init__(self, memory: Tensor, memory_mask: Tensor, layers: int) -> None:
+    def __init__(self, memory: Tensor, memory_mask: Tensor | None, layers: int) -> None:
         self.memory = memory  # (B, Ls, E)
-        self.memory_mask = memory_mask  # (B, 1, 1, Ls)
+        self.memory_mask = memory_mask  # (B, 1, 1, Ls) or None
         self.self_caches = [KVCache() for _ in range(layers)]
         self.cross_caches = [KVCache() for _ in range(layers)]
         self.length = 0  # target positions decoded so far
@@ -221,17 +223,19 @@ class Transformer(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"{name} holds ids outside 0..{self.config.vocab_size - 1}")
 
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor | None]:
         """``src (B, Ls)`` -> ``memory (B, Ls, E)`` and its key mask ``(B, 1, 1, Ls)``
-        (True = real token, False = padding, hidden from every query)."""
+        (True = real token, False = padding, hidden from every query; None when no row
+        is padded, which spares every attention call the mask)."""
         self._check_ids("src", src)
-        mask = padding_mask(src != self.config.pad_id)  # (B, 1, 1, Ls)
+        keep = src != self.config.pad_id  # (B, Ls)
+        mask = None if bool(keep.all()) else padding_mask(keep)  # (B, 1, 1, Ls)
         x = self._embed(src)  # (B, Ls, E)
         for layer in self.encoder:
             x = layer(x, mask)  # (B, Ls, E)
         return self.encoder_norm(x), mask
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor, *,
+    def decode(self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor | None, *,
                state: DecodeState | None = None, need_weights: bool = False
                ) -> tuple[Tensor, list[Tensor]]:
         """Logits ``(B, Lt, V)`` of the decoder on ``tgt_in (B, Lt)``.
@@ -261,7 +265,7 @@ class Transformer(nn.Module):
         return self.decode(tgt_in, memory, mask)[0]  # (B, Lt, V)
 
     # ---- decoding -------------------------------------------------------------------------
-    def _step_logits(self, tokens: Tensor, memory: Tensor, mask: Tensor,
+    def _step_logits(self, tokens: Tensor, memory: Tensor, mask: Tensor | None,
                      state: DecodeState | None) -> Tensor:
         """Logits ``(B, V)`` for the next token after the prefix ``tokens (B, T)``."""
         if state is not None:  # only the newest token; the caches hold the rest
@@ -325,7 +329,8 @@ class Transformer(nn.Module):
         b, dev = src.shape[0], src.device
         memory, mask = self.encode(src)
         memory = memory.repeat_interleave(k, dim=0)  # (B*K, Ls, E)
-        mask = mask.repeat_interleave(k, dim=0)  # (B*K, 1, 1, Ls)
+        if mask is not None:
+            mask = mask.repeat_interleave(k, dim=0)  # (B*K, 1, 1, Ls)
         state = DecodeState(memory, mask, cfg.decoder_layers) if use_cache else None
         tokens = torch.full((b * k, 1), cfg.bos_id, dtype=torch.long, device=dev)  # (BK, 1)
         scores = torch.full((b, k), float("-inf"), device=dev)  # (B, K)
