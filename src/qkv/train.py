@@ -66,16 +66,16 @@ class TrainConfig:
     task: str
     task_options: dict = field(default_factory=dict)
     steps: int = 3000
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 2e-3
-    warmup: int = 200
+    warmup: int = 100
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
     clip: float = 1.0
     label_smoothing: float = 0.0
     seed: int = 0
     device: str = "cpu"
-    d_model: int = 96
+    d_model: int = 64
     num_heads: int = 4
     encoder_layers: int = 2
     decoder_layers: int = 2

@@ -19,9 +19,9 @@ from . import app
 # Defaults of the model/optimiser options; None in the signatures means "not given", so
 # --resume can tell an explicit option (which must match the checkpoint) from a default.
 _DEFAULTS = {
-    "steps": 3000, "batch_size": 128, "lr": 2e-3, "seed": 0, "device": "cpu",
-    "d_model": 96, "num_heads": 4, "encoder_layers": 2, "decoder_layers": 2, "ff_dim": 256,
-    "dropout": 0.0, "positions": "sinusoidal", "warmup": 200, "eval_every": 250,
+    "steps": 3000, "batch_size": 64, "lr": 2e-3, "seed": 0, "device": "cpu",
+    "d_model": 64, "num_heads": 4, "encoder_layers": 2, "decoder_layers": 2, "ff_dim": 256,
+    "dropout": 0.0, "positions": "sinusoidal", "warmup": 100, "eval_every": 250,
     "eval_size": 1000, "checkpoint_every": 250,
 }
 
@@ -34,7 +34,7 @@ def _opt(help_text: str, *names: str):
 def train_command(
     task: Annotated[str, typer.Argument(help="The task: dates, reverse, sort or copy.")],
     steps: Annotated[int | None, _opt("Optimizer steps (default: 3000).")] = None,
-    batch_size: Annotated[int | None, _opt("Examples per step (default: 128).")] = None,
+    batch_size: Annotated[int | None, _opt("Examples per step (default: 64).")] = None,
     lr: Annotated[float | None, _opt("Peak learning rate (AdamW, warm-up then cosine) "
                                      "(default: 0.002).")] = None,
     seed: Annotated[int | None, _opt("Seed of the initialisation and of every batch "
@@ -44,7 +44,7 @@ def train_command(
     = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in --out from its last checkpoint.")] = False,
-    d_model: Annotated[int | None, _opt("Model width (default: 96).")] = None,
+    d_model: Annotated[int | None, _opt("Model width (default: 64).")] = None,
     heads: Annotated[int | None, _opt("Attention heads (default: 4).")] = None,
     encoder_layers: Annotated[int | None, _opt("Encoder layers (default: 2).")] = None,
     decoder_layers: Annotated[int | None, _opt("Decoder layers (default: 2).")] = None,
@@ -53,7 +53,7 @@ def train_command(
     rotary: Annotated[bool | None, typer.Option(
         "--rotary/--sinusoidal", help="Rotary or sinusoidal positions (default: sinusoidal).",
         show_default=False)] = None,
-    warmup: Annotated[int | None, _opt("Warm-up steps (default: 200).")] = None,
+    warmup: Annotated[int | None, _opt("Warm-up steps (default: 100).")] = None,
     eval_every: Annotated[int | None, _opt("Validate every N steps (default: 250).")] = None,
     eval_size: Annotated[int | None, _opt("Validation examples (default: 1000).")] = None,
     checkpoint_every: Annotated[int | None, _opt("Checkpoint every N steps (default: 250).")]
