@@ -2,14 +2,16 @@
 
 ::
 
-    python benchmarks/ring.py                   # B=4 H=16 D=64, L=8192, causal; N = 1, 2, 4
+    python benchmarks/ring.py                   # B=2 H=8 D=64, L=4096, causal; N = 1, 2, 4
     python benchmarks/ring.py --quick           # a small size, for a smoke test (~20 s)
     python benchmarks/ring.py --length 16384 --procs 1 2 --layouts zigzag
 
 For every N the sequence of L positions is cut into N shards (``--layouts``: zigzag and
 contiguous); each rank runs ``qkv.distributed.ring_attention`` forward and backward on its
 shard. N = 1 is plain ``qkv.attention(..., backend="chunked")`` on the whole sequence in one
-process without torch.distributed: what a user would run instead. Reported per run:
+process without torch.distributed, what a user would run instead, and the same with
+``backend="reference"`` (the textbook O(L^2) computation) when it fits in half the memory
+available. Reported per run:
 
 * forward / backward seconds (the slowest rank; medians over ``--reps``);
 * per rank: compute seconds (local blocks and merges) and wait seconds (blocked on a
@@ -26,12 +28,12 @@ every N uses the same cores; with N > cores processes share cores and the times 
 that contention. Prints one table and writes JSON (``--json``, default
 ``$OUT/ring_bench.json`` when ``$OUT`` is set).
 
-Memory, honestly. The reference backend would need ``4 B H L^2`` floats at the default size
-(64 GiB: more than this 24 GiB machine has); the chunked backend holds one process in
-O(L) memory (about 1.5 GiB here, a fair share of a machine that 5 people use at once), and
-ring attention divides that O(L) by N. On CPU the O(L^2) compute binds long before the
-O(L) memory does: one process could hold ~10x longer sequences in 24 GiB, but each step
-would take an hour.
+Memory, honestly. At the default size the reference backend keeps its (L x L) steps for
+every head, several GiB: about what one process may take of a 24 GiB machine that five
+people share, which is the size this benchmark calls "one process can barely hold". The
+chunked backend needs O(L) memory (tens of MiB here) and ring attention divides that by
+N. On CPU the O(L^2) compute binds long before the chunked backend's O(L) memory does: one
+process could hold a sequence 100x longer in 24 GiB, but one step would take hours.
 """
 
 from __future__ import annotations
@@ -55,15 +57,17 @@ sys.path.insert(0, str(ROOT / "src"))  # the checkout's qkv, even when another i
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--length", type=int, default=8192, help="global sequence length L")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--heads", type=int, default=16, help="query heads")
+    p.add_argument("--length", type=int, default=4096, help="global sequence length L")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8, help="query heads")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA)")
     p.add_argument("--dim", type=int, default=64, help="head dim D (= Dv)")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4], help="values of N")
     p.add_argument("--layouts", nargs="+", default=["zigzag", "contiguous"],
                    choices=["zigzag", "contiguous"])
     p.add_argument("--no-causal", action="store_true", help="full (non-causal) attention")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the one-process run of the reference backend")
     p.add_argument("--reps", type=int, default=1, help="timed repetitions (median)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                    help="cores shared by the ranks of one run")
@@ -125,7 +129,7 @@ def _measure(args, rank: int, world: int, layout: str) -> dict:
     # backward with an explicit gradient imports sympy, ~2 s) outside the measurement.
     tiny = [torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3)]
     out = (ring_attention(*tiny, causal=causal, layout=layout) if world > 1
-           else qkv.attention(*tiny, causal=causal, backend="chunked"))
+           else qkv.attention(*tiny, causal=causal, backend=layout))
     out.backward(torch.ones_like(out))
     if world > 1:
         dist.barrier()
@@ -144,7 +148,7 @@ def _measure(args, rank: int, world: int, layout: str) -> dict:
             if world > 1:
                 out = ring_attention(q, k, v, causal=causal, layout=layout)
             else:
-                out = qkv.attention(q, k, v, causal=causal, backend="chunked")
+                out = qkv.attention(q, k, v, causal=causal, backend=layout)
             t1 = time.perf_counter()
             out.backward(dout)
             t2 = time.perf_counter()
@@ -214,6 +218,20 @@ def run(args, world: int, layout: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["rank"])
 
 
+def _reference_bytes(args) -> int:
+    """What the reference backend's forward + backward keep alive, roughly: its four
+    (B, H, L, L) float32 steps of the forward, and as many again in the backward."""
+    return 8 * args.batch * args.heads * args.length**2 * 4
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 # ---- report ---------------------------------------------------------------------------------
 def summarise(world: int, layout: str, rows: list[dict], base_peak: float | None,
               threads: int) -> dict:
@@ -221,7 +239,7 @@ def summarise(world: int, layout: str, rows: list[dict], base_peak: float | None
     wait = [r["wait_s"] for r in rows]
     peak = max(r["peak_mb"] for r in rows)
     return {
-        "N": world, "layout": layout if world > 1 else "one process (chunked)",
+        "N": world, "layout": layout if world > 1 else f"one process ({layout})",
         "threads_per_rank": threads,
         "forward_s": max(r["forward_s"] for r in rows),
         "backward_s": max(r["backward_s"] for r in rows),
@@ -240,14 +258,14 @@ def summarise(world: int, layout: str, rows: list[dict], base_peak: float | None
 
 
 def print_table(results: list[dict]) -> None:
-    head = (f"{'N':>2} {'layout':22} {'thr':>3} {'fwd s':>7} {'bwd s':>7} {'compute s':>13} "
+    head = (f"{'N':>2} {'layout':24} {'thr':>3} {'fwd s':>7} {'bwd s':>7} {'compute s':>13} "
             f"{'wait s':>7} {'comm':>5} {'imbal':>5} {'sent MB':>8} {'peak MB':>8} "
             f"{'vs N=1':>6}")
     print(head)
     print("-" * len(head))
     for r in results:
         ratio = "" if r["peak_vs_one_process"] is None else f"{r['peak_vs_one_process']:.2f}"
-        print(f"{r['N']:>2} {r['layout']:22} {r['threads_per_rank']:>3} {r['forward_s']:7.2f} "
+        print(f"{r['N']:>2} {r['layout']:24} {r['threads_per_rank']:>3} {r['forward_s']:7.2f} "
               f"{r['backward_s']:7.2f} {r['compute_s_min']:6.2f}-{r['compute_s_max']:<6.2f} "
               f"{r['wait_s_max']:7.2f} {r['comm_share_max']:5.0%} {r['imbalance']:5.2f} "
               f"{r['sent_mb_per_rank']:8.1f} {r['peak_mb_per_rank']:8.0f} {ratio:>6}")
@@ -260,12 +278,20 @@ def main(argv=None) -> None:
           f"H={args.heads} Hkv={args.kv_heads} D={args.dim} float32, {args.cores} cores, "
           f"N={args.procs}, reps={args.reps}")
     results, base_peak = [], None
+    singles = ["chunked"]
+    if not args.no_reference:
+        need = _reference_bytes(args)
+        if need < _available_bytes() / 2:
+            singles.append("reference")
+        else:
+            print(f"  skipping the reference backend: it would need ~{need / 2**30:.1f} GiB, "
+                  f"over half of the {_available_bytes() / 2**30:.1f} GiB available")
     for world in args.procs:
-        for layout in (args.layouts if world > 1 else ["-"]):
+        for layout in (args.layouts if world > 1 else singles):
             t0 = time.perf_counter()
             rows = run(args, world, layout)
             s = summarise(world, layout, rows, base_peak, max(1, args.cores // world))
-            if world == 1:
+            if world == 1 and layout == "chunked":
                 base_peak = s["peak_mb_per_rank"]
             s["wall_s"] = time.perf_counter() - t0
             results.append(s)

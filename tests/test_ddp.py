@@ -161,6 +161,29 @@ def test_too_many_processes_for_the_batch_are_refused_on_every_rank(runs):
         assert msg is not None and "cannot be split over 3 processes" in msg
 
 
+def _ctrl_c_rank(rank, world, run_dir):
+    """Rank 1 alone gets Ctrl-C during step 3; both ranks must stop after that step."""
+    import signal
+
+    real_lr_at = qtrain.lr_at
+
+    def lr_at(cfg, step):
+        if rank == 1 and step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(cfg, step)
+
+    qtrain.lr_at = lr_at
+    result = train(TrainConfig(**{**CFG, "steps": 50, "checkpoint_every": 50}),
+                   Path(run_dir), progress=False)
+    return result.step, result.interrupted
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    reports = run_ranks(_ctrl_c_rank, 2, str(tmp_path / "c"), timeout=60)
+    assert reports == {0: (3, True), 1: (3, True)}
+    assert json.loads((tmp_path / "c" / ckpt.POINTER).read_text())["step"] == 3
+
+
 def test_resume_note():
     state = {"data": {"world_size": 2}, "config": {"batch_size": 64, "dropout": 0.1}}
     note = ddp.resume_note(state, 4)

@@ -255,8 +255,11 @@ def _ring_backward(ring: _Ring, q, k, v, out, lse, dout, *, causal, layout, scal
     dq = torch.zeros(q.shape, dtype=ct, device=q.device)  # (B, Hq, n, D)
     kv = _pack(k, v)
     spare = torch.empty_like(kv) if ring.size > 1 else None
-    arriving = None  # the accumulated (dk, dv) of the next shard, on its way from r-1
-    grads_in = None
+    # Two gradient buffers take turns: the accumulator of the shard held now (received
+    # from r-1, this rank's part added, sent to r+1) and the one being received.
+    acc = torch.zeros(kv.numel(), dtype=ct, device=q.device)  # (numel(k) + numel(v),)
+    incoming = torch.empty_like(acc) if ring.size > 1 else None
+    arriving = None  # the exchange that brings the accumulator of the next shard
     for step in range(ring.size):
         src = (ring.rank - step) % ring.size
         pending_kv = None
@@ -265,33 +268,35 @@ def _ring_backward(ring: _Ring, q, k, v, out, lse, dout, *, causal, layout, scal
                                        what=f"passing key/value shards (backward step {step})")
         with _Clock("compute_s"):
             ks, vs = _unpack(kv, k.shape, v.shape)
-            dkv = torch.zeros(kv.numel(), dtype=ct, device=q.device)  # this rank's part
-            dks, dvs = _unpack(dkv, k.shape, v.shape)
+            parts = []
             for rows, cols, mask in _pairs(layout, causal, ring.rank, src, n):
                 dq_p, dk_p, dv_p = chunked_backward(
                     q[:, :, rows], ks[:, :, cols], vs[:, :, cols], dout[:, :, rows],
                     lse[:, :, rows], delta[:, :, rows], mask, scale,
                     block_q=blocks[0], block_k=blocks[1])
                 dq[:, :, rows] += dq_p
+                parts.append((cols, dk_p, dv_p))
+        if arriving is not None:  # what ranks src .. r-1 contributed to this shard
+            arriving.wait()
+            acc, incoming = incoming, acc
+        with _Clock("compute_s"):
+            dks, dvs = _unpack(acc, k.shape, v.shape)
+            for cols, dk_p, dv_p in parts:
                 dks[:, :, cols] += dk_p
                 dvs[:, :, cols] += dv_p
-        if arriving is not None:  # add what ranks src .. r-1 contributed to this shard
-            arriving.wait()
-            dkv += grads_in
+            del parts
         if pending_kv is not None:
             pending_kv.wait()
             kv, spare = spare, kv
         if ring.size > 1:  # pass the accumulator on; after the last step it reaches home
-            grads_in = torch.empty_like(dkv)
-            arriving = ring.exchange(dkv, grads_in, tag=_TAG_GRAD,
+            arriving = ring.exchange(acc, incoming, tag=_TAG_GRAD,
                                      what=f"passing key/value gradients (backward step {step})")
-        else:
-            grads_in = dkv
         if _stats is not None:
             _stats.steps += 1
     if arriving is not None:
         arriving.wait()
-    dk, dv = _unpack(grads_in, k.shape, v.shape)
+        acc = incoming
+    dk, dv = _unpack(acc, k.shape, v.shape)
     return dq, dk, dv
 
 
