@@ -9,7 +9,7 @@ the kernels read as per-batch key lengths; ``return_weights`` from a second kern
 What it does not do (``unsupported`` names it, ``auto`` falls back, ``backend="triton"``
 raises): any other bool mask, additive float masks, dropout, float64, head dims over 256,
 ``scale <= 0``, weights that need a gradient, and CPU tensors unless ``TRITON_INTERPRET=1``
-was set before the kernels were first used (the interpreter: slow, for tests).
+was set before the process imported qkv (the interpreter: slow, for tests).
 
 The kernel modules are imported on first use, not with qkv, so the interpreter setting is
 read when the kernels are defined; :func:`interpreting` says which mode they are in.
@@ -32,13 +32,20 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def interpreting() -> bool:
-    """True when the kernels run (or, once imported, will run) in Triton's CPU interpreter."""
-    fwd = sys.modules.get(_KERNELS)
-    if fwd is None:
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when the kernels run (or, once imported, will run) in Triton's CPU interpreter.
+
+    Triton decides at definition time, for its own library functions (when ``triton`` is
+    imported) as for qkv's kernels (on their first use): both must have seen
+    ``TRITON_INTERPRET=1``, so the variable has to be set before the process imports qkv.
+    """
+    from triton.language import standard
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(fwd._fwd_kernel, InterpretedFunction)
+    fwd = sys.modules.get(_KERNELS)
+    if fwd is not None:
+        return isinstance(fwd._fwd_kernel, InterpretedFunction)
+    triton_interprets = isinstance(getattr(standard, "zeros", None), InterpretedFunction)
+    return triton_interprets and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def key_lengths(call: Call) -> Tensor | None:
@@ -61,7 +68,7 @@ class TritonBackend(Backend):
         q = call.q
         if not q.is_cuda and not interpreting():
             return (f"{q.device.type} tensors (the Triton kernels run on CUDA; "
-                    "TRITON_INTERPRET=1 runs them on CPU, slowly)")
+                    "TRITON_INTERPRET=1 set before importing qkv runs them on CPU, slowly)")
         if q.dtype not in _DTYPES:
             return f"{q.dtype} inputs (only float16, bfloat16 and float32)"
         if max(q.shape[-1], call.v.shape[-1]) > 256:
