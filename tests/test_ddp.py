@@ -291,7 +291,7 @@ def _bad_input(rank):
 
 def test_launcher_reports_a_dead_process_and_stops_the_others():
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"process 1 of 2 died \(exit code 3\)"):
+    with pytest.raises(ChildProcessError, match=r"process 1 of 2 died \(exit code 3\)"):
         ddp.launch(_rank_call, 2, _dies, start_method="fork", timeout=60)
     assert time.monotonic() - t0 < 30
 

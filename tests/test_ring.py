@@ -224,8 +224,9 @@ def _die_worker(rank, world, ready_dir):
         os._exit(1)  # ... then rank 1 dies without a word
     time.sleep(0.5)
     t0 = time.monotonic()
-    msg = _error_of(lambda: ring_attention(q, k, v, causal=True))
-    return msg, time.monotonic() - t0
+    msg = _error_of(lambda: ring_attention(q, k, v, causal=True))  # fails in the shape check
+    p2p = _error_of(lambda: ring_attention(q, k, v, causal=True, check=False))  # in the ring
+    return msg, p2p, time.monotonic() - t0
 
 
 def _stuck_worker(rank, world, done_file):
@@ -248,10 +249,12 @@ def test_dead_rank_makes_the_others_fail_clearly(tmp_path):
                         allow_missing=True)
     assert sorted(reports) == [0, 2]
     for rank in (0, 2):
-        msg, elapsed = reports[rank]
-        assert msg is not None and msg.startswith("RuntimeError"), msg
-        assert f"ring attention failed on rank {rank} of 3" in msg
-        assert "has died" in msg
+        msg, p2p, elapsed = reports[rank]
+        for m, where in ((msg, "comparing the ranks' shapes"),
+                         (p2p, "passing key/value shards (forward step 0)")):
+            assert m is not None and m.startswith("RuntimeError"), m
+            assert f"ring attention failed on rank {rank} of 3 while {where}" in m
+            assert "has died" in m
         assert elapsed < pg_timeout, f"rank {rank} took {elapsed:.1f} s"
 
 

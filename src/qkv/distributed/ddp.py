@@ -1,7 +1,7 @@
 """Data-parallel training of the seq2seq model: DistributedDataParallel over N processes.
 
 ``qkv train TASK --nproc N`` starts N local processes (:func:`launch`); ``torchrun
---nproc-per-node N -m qkv.cli train TASK`` starts them itself (:func:`init_from_env` reads
+--nproc-per-node N -m qkv train TASK`` starts them itself (:func:`init_from_env` reads
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). Either way every
 process runs :func:`qkv.train.train`, which asks :meth:`DataParallel.current` whether
 ``torch.distributed`` is initialised with more than one process and, when it is:
@@ -29,9 +29,9 @@ each rank draws its own masks from a generator seeded by ``(seed, first step, ra
 with dropout > 0 a run depends on N (as any data-parallel run does); with dropout 0 it
 does not.
 
-Faults: a process that dies makes the launcher stop the others and raise a RuntimeError
-that names it; a rank stuck in a collective makes the others fail after the process
-group's timeout (``timeout``, default 10 minutes) instead of hanging forever.
+Faults: a process that dies makes the launcher stop the others and raise a
+ChildProcessError that names it; a rank stuck in a collective makes the others fail after
+the process group's timeout (``timeout``, default 10 minutes) instead of hanging forever.
 """
 
 from __future__ import annotations
@@ -227,7 +227,9 @@ def _worker(fn, rank: int, world: int, port: int, backend: str, timeout: float,
         with contextlib.suppress(RuntimeError):
             dist.destroy_process_group()
     except BaseException as e:  # report every failure to the launcher
-        out.put((rank, "error", (type(e).__name__, str(e), traceback.format_exc())))
+        if not isinstance(e, (ValueError, TypeError)):  # bad input needs no traceback
+            traceback.print_exc()
+        out.put((rank, "error", (type(e).__name__, str(e))))
     out.close()
     out.join_thread()
 
@@ -243,7 +245,8 @@ def launch(fn: Callable, nproc: int, *args, device: str | torch.device = "cpu",
     ``threads``: torch threads per process (default: the cores divided among them).
     When a process fails, the others are stopped and the failure is raised here:
     ValueError/TypeError as themselves (bad input is reported by every rank alike), any
-    other error or a process that dies as a RuntimeError naming the rank.
+    other error or a process that dies as a ChildProcessError (an OSError, so ``qkv``
+    prints it as one line) naming the rank; the failing process prints its traceback.
     """
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"the number of processes must be an int >= 1; got {nproc!r}")
@@ -300,19 +303,21 @@ def _collect(procs, out, nproc: int, grace: float = 10.0):
             if out.empty():
                 code = procs[dead[0]].exitcode
                 how = f"signal {-code}" if code is not None and code < 0 else f"code {code}"
-                raise RuntimeError(f"process {dead[0]} of {nproc} died (exit {how}) without "
-                                   "reporting an error; the other processes were stopped. "
-                                   "Out of memory, or killed from outside?")
+                raise ChildProcessError(
+                    f"process {dead[0]} of {nproc} died (exit {how}) without reporting an "
+                    "error; the other processes were stopped. Out of memory, or killed from "
+                    "outside?")
         if failed_at is not None and time.monotonic() - failed_at > grace:
             break
     errors = {r: v for r, (s, v) in reports.items() if s == "error"}
     if errors:
         # Bad input is found by every rank alike: prefer it over the errors it causes.
-        for _, (name, msg, _tb) in sorted(errors.items()):
+        for _, (name, msg) in sorted(errors.items()):
             if name in ("ValueError", "TypeError"):
                 raise (ValueError if name == "ValueError" else TypeError)(msg)
-        r, (name, msg, tb) = min(errors.items())
-        raise RuntimeError(f"process {r} of {nproc} failed with {name}: {msg}\n{tb}")
+        r, (name, msg) = min(errors.items())
+        raise ChildProcessError(f"process {r} of {nproc} failed with {name}: {msg} (its "
+                                "traceback is above); the other processes were stopped")
     return reports[0][1]
 
 
