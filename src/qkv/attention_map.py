@@ -246,17 +246,16 @@ class AttentionMap:
         else:
             k_groups, k_labels = _groups(len(self.keys), self.keys, self.key_words,
                                          self.key_word_spans)
-        rows = np.zeros((len(q_groups), len(self.tokens)), np.float32)  # (Uq, Lq): mean
-        for u, g in enumerate(q_groups):
-            rows[u, g] = 1.0 / len(g)
-        cols = np.zeros((len(self.keys), len(k_groups)), np.float32)  # (Lk, Uk): sum
-        for u, g in enumerate(k_groups):
-            cols[g, u] = 1.0
-        w = np.einsum("ui,lhij,jv->lhuv", rows, self.weights, cols)  # (L, H, Uq, Uk)
+        # Units are contiguous, ordered token ranges: reduce over each range's start.
+        q0 = np.array([g[0] for g in q_groups])
+        k0 = np.array([g[0] for g in k_groups])
+        sizes = np.array([len(g) for g in q_groups], dtype=np.float32)
+        w = np.add.reduceat(self.weights, k0, axis=-1)  # (L, H, Lq, Uk): sum over pieces
+        w = np.add.reduceat(w, q0, axis=-2) / sizes[:, None]  # (L, H, Uq, Uk): mean
         allowed = None
         if self.allowed is not None:
-            allowed = ((rows > 0).astype(np.float32) @ self.allowed.astype(np.float32)
-                       @ cols) > 0  # (Uq, Uk): any piece may see any piece
+            a = np.add.reduceat(self.allowed.astype(np.int32), k0, axis=-1)  # (Lq, Uk)
+            allowed = np.add.reduceat(a, q0, axis=-2) > 0  # (Uq, Uk): any piece sees any
         qs = self.query_special
         ks = self.keys_special
         return replace(

@@ -160,12 +160,23 @@ class BertLayer(nn.Module):
         self.ff_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, **fk)
         self.act = _ACTIVATIONS[c.hidden_act]
 
-    def forward(self, x: Tensor, mask: Tensor | None, need_weights: bool):
+    def forward(self, x: Tensor, mask: Tensor | None, need_weights: bool,
+                real: Tensor | None = None):
+        """``x (B, L, E)``; ``mask`` as for MultiHeadAttention; ``real (N,)``: indices of
+        the real tokens in ``x.flatten(0, 1)`` when the batch is padded. Everything after
+        attention is position-wise, so it then runs on the N real tokens only and the
+        padding positions of the output are 0."""
         a = self.attn(x, mask=mask, need_weights=need_weights)
         a, w = a if need_weights else (a, None)  # a (B, L, E); w (B, H, L, L)
-        x = self.attn_norm(x + a)  # (B, L, E)
-        h = self.ff_out(self.act(self.ff_in(x)))  # (B, L, E) through (B, L, 4E)
-        return self.ff_norm(x + h), w  # (B, L, E)
+        h = x + a  # (B, L, E)
+        if real is not None:
+            h = h.flatten(0, 1).index_select(0, real)  # (N, E): real tokens, packed
+        h = self.attn_norm(h)
+        h = self.ff_norm(h + self.ff_out(self.act(self.ff_in(h))))  # through (.., 4E)
+        if real is not None:
+            h = x.new_zeros(x.shape[0] * x.shape[1], x.shape[2]).index_copy_(0, real, h)
+            h = h.view(x.shape)  # (B, L, E), 0 at padding
+        return h, w
 
 
 class BertEncoder(nn.Module):
@@ -208,7 +219,9 @@ class BertEncoder(nn.Module):
         Args:
             input_ids: ``(B, L)`` integer token ids, ``L <= max_position_embeddings``.
             attention_mask: ``(B, L)``, 1/True = real token, 0/False = padding (hidden as
-                a key from every query); None = no padding.
+                a key from every query); None = no padding. With padding, the layers'
+                position-wise parts run on the real tokens only and every layer's output
+                is 0 at padding positions (their values are never used).
             token_type_ids: ``(B, L)`` segment ids (0 = first sentence, 1 = second).
             need_weights: also return every layer's attention weights ``(B, H, L, L)``
                 (computed by the reference backend; otherwise the fused path runs).
@@ -226,7 +239,7 @@ class BertEncoder(nn.Module):
                              f"{c.max_position_embeddings} positions; truncate the input")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)  # (B, L)
-        mask = None
+        mask = real = None
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (b, n):
                 raise ValueError(f"attention_mask must have shape {(b, n)} like input_ids; "
@@ -234,10 +247,11 @@ class BertEncoder(nn.Module):
             keep = attention_mask.bool()  # (B, L) True = real token
             if not bool(keep.all()):
                 mask = keep[:, None, None, :]  # (B, 1, 1, L): True = may attend
+                real = keep.flatten().nonzero().squeeze(1)  # (N,) real tokens
         x = self.embeddings(input_ids, token_type_ids)  # (B, L, E)
         states, weights = [x], []
         for layer in self.layers:
-            x, w = layer(x, mask, need_weights)  # (B, L, E), (B, H, L, L) | None
+            x, w = layer(x, mask, need_weights, real)  # (B, L, E), (B, H, L, L) | None
             states.append(x)
             weights.append(w)
         pooled = None

@@ -207,7 +207,7 @@
   function modelView(v) {
     const box = $("modelview");
     const nr = v.rows.length, nc = v.cols.length;
-    const px = Math.max(2, Math.min(6, Math.floor(84 / Math.max(nr, nc))));
+    const px = Math.max(1, Math.min(24, Math.floor(84 / Math.max(nr, nc))));  // ~84 px tiles
     box.style.gridTemplateColumns = `auto repeat(${NH}, auto)`;
     const kids = [el("span", { class: "lbl" }, "")];
     D.head_labels.forEach((lab) => kids.push(el("span", { class: "lbl" }, "head " + lab)));

