@@ -39,7 +39,7 @@ from qkv.train import TrainConfig, evaluate, load_run, train
 # The configuration tuned for a 2-core CPU (see the README section "Training a Transformer").
 TUNED = {"steps": 3000, "batch_size": 64, "lr": 2e-3, "warmup": 100, "d_model": 64,
          "num_heads": 4, "encoder_layers": 2, "decoder_layers": 2, "ff_dim": 256,
-         "dropout": 0.0, "eval_every": 250, "eval_size": 1000, "checkpoint_every": 500}
+         "dropout": 0.0, "eval_every": 250, "eval_size": 1000, "checkpoint_every": 250}
 
 
 def parse() -> argparse.Namespace:
