@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["POINTER", "Checkpoint", "atomic_write", "find_checkpoint", "has_checkpoint",
-           "read_checkpoint", "write_checkpoint"]
+           "optimizer_from_parts", "optimizer_to_parts", "read_checkpoint", "rng_state",
+           "set_rng_state", "write_checkpoint"]
 
 POINTER = "checkpoint.json"
 FORMAT = "qkv.seq2seq-run/1"
