@@ -58,7 +58,7 @@ def test_batch_is_padded():
 
 def test_float64_is_the_same_function_as_transformers(hf):
     """In float64, rounding vanishes: qkv's encoder and BertModel compute one function."""
-    keep, a, _, r = run_both(copy.deepcopy(model()).double(), copy.deepcopy(hf).double(), TEXTS)
+    keep, a, _, r = run_both(qkv.load_pretrained().double(), copy.deepcopy(hf).double(), TEXTS)
     real = keep[:, :, None]  # (B, L, 1)
     for x, y in zip(a.hidden_states, r.hidden_states, strict=True):
         assert ((x - y).abs() * real).max().item() < 1e-10

@@ -178,6 +178,15 @@ class AttentionMap:
     def has_qkv(self) -> bool:
         return self.q is not None and self.k is not None and self.v is not None
 
+    def layer_name(self, layer: int) -> str:
+        """``"layer 3"`` for a numeric label, the label itself otherwise (``"decoder 0"``)."""
+        lab = self.layer_labels[layer]
+        return f"layer {lab}" if lab.isdigit() else lab
+
+    def head_name(self, head: int) -> str:
+        lab = self.head_labels[head]
+        return f"head {lab}" if lab.isdigit() else lab
+
     def check_head(self, layer: int, head: int) -> None:
         """ValueError naming the valid range when ``layer``/``head`` do not exist."""
         for name, val, n in (("layer", layer, self.num_layers), ("head", head, self.num_heads)):

@@ -100,6 +100,9 @@
     hover: null,              // {side: "q"|"k", unit}
   };
   const $ = (id) => document.getElementById(id);
+  // "layer 3" for a numeric label, the label itself otherwise ("decoder 0")
+  const layerName = (l) => (/^\d+$/.test(D.layer_labels[l]) ? "layer " : "") + D.layer_labels[l];
+  const headName = (h) => (/^\d+$/.test(D.head_labels[h]) ? "head " : "") + D.head_labels[h];
   const el = (tag, attrs, text) => {
     const svgTags = ["svg", "line", "text", "rect", "g"];
     const e = svgTags.includes(tag) ? document.createElementNS("http://www.w3.org/2000/svg", tag)
@@ -210,12 +213,12 @@
     const px = Math.max(1, Math.min(24, Math.floor(84 / Math.max(nr, nc))));  // ~84 px tiles
     box.style.gridTemplateColumns = `auto repeat(${NH}, auto)`;
     const kids = [el("span", { class: "lbl" }, "")];
-    D.head_labels.forEach((lab) => kids.push(el("span", { class: "lbl" }, "head " + lab)));
+    D.head_labels.forEach((_, h) => kids.push(el("span", { class: "lbl" }, headName(h))));
     for (let l = 0; l < NL; l++) {
-      kids.push(el("span", { class: "lbl" }, "layer " + D.layer_labels[l]));
+      kids.push(el("span", { class: "lbl" }, layerName(l)));
       for (let h = 0; h < NH; h++) {
         const c = el("canvas", { width: nc * px, height: nr * px, "data-layer": l, "data-head": h,
-          title: `layer ${D.layer_labels[l]}, head ${D.head_labels[h]}` });
+          title: `${layerName(l)}, ${headName(h)}` });
         if (l === S.layer && h === S.head) c.classList.add("current");
         const ctx = c.getContext("2d");
         const m = v.head(l, h);
@@ -273,7 +276,7 @@
     const body = $("steps-body");
     body.replaceChildren();
     const p1 = el("p");
-    p1.append(`Query “${D.tokens[token]}” (token ${token}) in layer ${D.layer_labels[l]}, head ${D.head_labels[h]}: ` +
+    p1.append(`Query “${D.tokens[token]}” (token ${token}) in ${layerName(l)}, ${headName(h)}: ` +
       `d = ${DQ}, scale = 1/√${DQ} = ${D.scale.toFixed(5)}.${note}`);
     body.append(p1);
     const tbl = el("table", { id: "steps-table" });

@@ -81,7 +81,7 @@ def _one(Figure, amap: AttentionMap, layer: int, head: int):
                 if pct >= 5:
                     ax.text(j, i, str(pct), ha="center", va="center", fontsize=6.5,
                             color="black" if w[i, j] > 0.45 else "white")
-    ax.set_title(f"layer {amap.layer_labels[layer]}, head {amap.head_labels[head]}",
+    ax.set_title(f"{amap.layer_name(layer)}, {amap.head_name(head)}",
                  fontsize=11)
     fig.suptitle(_caption(amap), fontsize=9)
     bar = fig.colorbar(im, ax=ax, shrink=0.8, ticks=[0, 0.05, 0.25, 0.5, 1])
@@ -105,9 +105,9 @@ def _grid(Figure, amap: AttentionMap, layers: list[int], heads: list[int]):
             for s in ax.spines.values():
                 s.set_linewidth(0.4)
             if r == 0:
-                ax.set_title(f"head {amap.head_labels[head]}", fontsize=8, pad=3)
+                ax.set_title(amap.head_name(head), fontsize=8, pad=3)
             if c == 0:
-                ax.set_ylabel(f"layer {amap.layer_labels[layer]}", fontsize=8)
+                ax.set_ylabel(amap.layer_name(layer), fontsize=8)
     tokens = " ".join(amap.tokens)
     if len(tokens) > 150:
         tokens = tokens[:149] + "…"

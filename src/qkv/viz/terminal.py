@@ -63,8 +63,7 @@ class Heatmap:
                      if c * len(keys) <= room), 1)
         shown = min(len(keys), room // cell)
         which = ("attention rollout (every layer, heads averaged)" if amap.kind == "rollout"
-                 else f"layer {amap.layer_labels[self.layer]}, head "
-                      f"{amap.head_labels[self.head]}")
+                 else f"{amap.layer_name(self.layer)}, {amap.head_name(self.head)}")
         title = f"{which}: each row is a query, spread over the key columns"
         yield Text(title, style="bold" if use_colour else "")
         if shown < len(keys):
