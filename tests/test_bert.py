@@ -213,6 +213,17 @@ def test_loads_a_local_directory(tmp_path, tensors):
                        tensors["encoder.layer.3.attention.self.key.weight"])
 
 
+def test_loads_the_encoder_of_a_task_checkpoint_and_names_its_head(tmp_path, tensors):
+    """BertFor... checkpoints prefix the encoder with "bert."; their head is unexpected."""
+    prefixed = {f"bert.{k}": v for k, v in tensors.items()}
+    m = qkv.load_pretrained(copy_model(tmp_path, prefixed))
+    assert torch.equal(m.embeddings.word.weight, tensors["embeddings.word_embeddings.weight"])
+    prefixed["cls.predictions.bias"] = torch.zeros(30522)
+    (tmp_path / "model").rename(tmp_path / "first")
+    with pytest.raises(ValueError, match=r"unexpected key: cls\.predictions\.bias"):
+        qkv.load_pretrained(copy_model(tmp_path, prefixed))
+
+
 def test_refuses_missing_key_and_wrong_shape_in_one_error(tmp_path, tensors):
     bad = dict(tensors)
     del bad["encoder.layer.2.attention.self.query.weight"]
