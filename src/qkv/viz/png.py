@@ -108,11 +108,14 @@ def _grid(Figure, amap: AttentionMap, layers: list[int], heads: list[int]):
                 ax.set_title(amap.head_name(head), fontsize=8, pad=3)
             if c == 0:
                 ax.set_ylabel(amap.layer_name(layer), fontsize=8)
-    tokens = " ".join(amap.tokens)
-    if len(tokens) > 150:
-        tokens = tokens[:149] + "…"
-    fig.suptitle(_caption(amap) + "\nrows attend to columns, in token order: " + tokens,
-                 fontsize=8.5)
+    def listed(toks: list[str]) -> str:
+        text = " ".join(toks)
+        return text if len(text) <= 110 else text[:109] + "…"
+
+    order = (f"rows attend to columns, in token order: {listed(amap.tokens)}" if amap.is_self
+             else f"rows (queries): {listed(amap.tokens)}\ncolumns (keys): "
+                  f"{listed(amap.keys)}")
+    fig.suptitle(_caption(amap) + "\n" + order, fontsize=8.5)
     bar = fig.colorbar(im, ax=axes, shrink=0.6, ticks=[0, 0.05, 0.25, 0.5, 1], pad=0.01)
     bar.set_label("attention weight (square-root scale)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
