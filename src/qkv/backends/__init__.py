@@ -6,6 +6,8 @@ how. Backends whose dependencies are optional (Triton) register only when import
 
 from __future__ import annotations
 
+import importlib.util
+
 from .base import Backend, Call
 from .chunked import ChunkedBackend, memory_reason, sdpa_needs_dense_mask
 from .reference import ReferenceBackend
@@ -57,11 +59,9 @@ register(ReferenceBackend())
 register(TorchSDPABackend())
 register(ChunkedBackend())
 
-try:  # the fused kernels need Triton (PyTorch's CUDA wheels bring it)
-    import triton  # noqa: F401
-except ImportError:
-    pass
-else:
+# The fused kernels need Triton (PyTorch's CUDA wheels bring it). Only look for it here:
+# importing it costs a quarter of a second that CPU-only commands should not pay.
+if importlib.util.find_spec("triton") is not None:
     from .triton import TritonBackend
 
     register(TritonBackend())
