@@ -11,17 +11,23 @@ and not, forward (``fwd``) and forward + backward (``fwd+bwd``), for ``reference
 kernel), with the ratio chunked / SDPA per row; then the forward of ``chunked`` at
 L=65536, which the reference could not hold.
 
-Every case runs in its own subprocess so that cases do not pollute each other:
+Measurements, each in a fresh subprocess so that cases do not pollute each other:
 
-* time: the best of ``--reps`` runs after one warm-up (one run, no warm-up, at L >= 16384,
-  where a run takes long enough to be stable);
-* peak memory: the growth of the subprocess's peak resident set
-  (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its resident set just before the
-  measured runs, so the torch runtime and the inputs are left out;
-* the subprocess's address space is capped (``--mem-cap-gib``, RLIMIT_AS), so a case that
-  does not fit fails at once instead of swapping a machine other people share; such a case
-  is reported as ``OOM`` with the memory it would need: the reference keeps four
-  ``(B, H, L, L)`` float32 steps in the forward and about three more in the backward.
+* time: one subprocess per length and pass runs the implementations, non-causal and
+  causal, in turns (torch, chunked, reference, torch causal, ..., torch, ...) after a
+  warm-up of each, and keeps each one's best of ``--reps`` turns (2 turns, no warm-up, at
+  L >= 16384). Taking turns within seconds of each other keeps the ratios (chunked/SDPA,
+  causal/non-causal) robust when the load of a shared machine changes during the run. The
+  reference takes its turns in a subprocess of its own: allocating and freeing its
+  gigabytes slows whatever runs next;
+* peak memory: one subprocess per case (implementation x row) runs it once and reports the
+  growth of its peak resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its
+  resident set just before the run, so the torch runtime and the inputs are left out;
+* every subprocess's address space is capped (``--mem-cap-gib``, RLIMIT_AS), so a case that
+  does not fit fails at once instead of swapping a machine other people share. The
+  reference is not timed where its analytic need (four ``(B, H, L, L)`` float32 steps in
+  the forward, about three more in the backward) exceeds the cap; its memory case then
+  reports ``OOM`` with that need.
 
 Threads: ``torch.set_num_threads(--threads)`` in every subprocess (default: every core).
 The three implementations of one row run one after the other, so they see the same
@@ -65,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="address-space cap of each case's subprocess")
     p.add_argument("--json", type=Path, default=None,
                    help="where to write the JSON (default: runs/bench/cpu-<time>.json)")
-    p.add_argument("--case", nargs=4, metavar=("IMPL", "L", "CAUSAL", "PASS"),
-                   help=argparse.SUPPRESS)  # internal: run one case in this process
+    p.add_argument("--case", nargs=5, metavar=("KIND", "IMPL", "L", "CAUSAL", "PASS"),
+                   help=argparse.SUPPRESS)  # internal: measure in this process
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.long, args.reps = [256, 1024], 4096, 1
@@ -79,20 +85,22 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_case(impl: str, length: int, causal: bool, backward: bool, reps: int,
-             threads: int) -> dict:
-    """Time one case in this process; returns seconds and peak memory growth."""
+def _setup(threads: int):
     import torch
-    import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT / "src"))
     import qkv
 
     torch.set_num_threads(threads)
+    return torch, qkv
 
-    def make(n):
-        g = torch.Generator().manual_seed(0)
-        return [torch.randn(B, H, n, D, generator=g).requires_grad_(backward) for _ in range(3)]
+
+def _runner(impl: str, causal: bool, backward: bool):
+    """A function running one attention call (and its backward) of ``impl``."""
+    import torch
+    import torch.nn.functional as F
+
+    import qkv
 
     def once(q, k, v):
         if impl == "torch":  # what a user would call instead
@@ -104,20 +112,49 @@ def run_case(impl: str, length: int, causal: bool, backward: bool, reps: int,
             for t in (q, k, v):
                 t.grad = None
 
-    once(*make(128))  # load the kernels and the thread pools
-    q, k, v = make(length)
-    if length < 16384:
-        once(q, k, v)  # warm-up
-    else:
-        reps = 1
+    return once
+
+
+def _inputs(length: int, backward: bool):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, H, length, D, generator=g).requires_grad_(backward)
+            for _ in range(3)]
+
+
+def memory_case(impl: str, length: int, causal: bool, backward: bool, threads: int) -> dict:
+    """Run one case once in this process: its peak memory growth (and its time)."""
+    _setup(threads)
+    once = _runner(impl, causal, backward)
+    once(*_inputs(128, backward))  # load the kernels and the thread pools
+    q, k, v = _inputs(length, backward)
     before = _rss_bytes()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        once(q, k, v)
-        best = min(best, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    once(q, k, v)
+    seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-    return {"seconds": best, "peak_bytes": max(0, peak - before)}
+    return {"peak_bytes": max(0, peak - before), "once_seconds": seconds}
+
+
+def time_row(impls: list[str], length: int, backward: bool, reps: int, threads: int) -> dict:
+    """Best time of each implementation, non-causal and causal, taking turns:
+    ``{"impl/causal": seconds}``."""
+    _setup(threads)
+    cases = [(impl, causal) for causal in (False, True) for impl in impls]
+    runners = {c: _runner(*c, backward) for c in cases}
+    q, k, v = _inputs(length, backward)
+    for c in cases:
+        runners[c](*_inputs(128, backward))
+        if length < 16384:
+            runners[c](q, k, v)  # warm-up
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(reps if length < 16384 else min(reps, 2)):
+        for c in cases:
+            t0 = time.perf_counter()
+            runners[c](q, k, v)
+            best[c] = min(best[c], time.perf_counter() - t0)
+    return {f"{impl}/{int(causal)}": t for (impl, causal), t in best.items()}
 
 
 def reference_needs(length: int, backward: bool) -> int:
@@ -128,9 +165,9 @@ def reference_needs(length: int, backward: bool) -> int:
     return cells * FLOAT * (7 if backward else 4)
 
 
-def spawn_case(impl, length, causal, backward, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", impl, str(length),
-           str(int(causal)), "fwd+bwd" if backward else "fwd",
+def _spawn(extra: list[str], args) -> tuple[dict | None, str]:
+    """Run this script with ``extra`` arguments in a capped subprocess: (JSON, error)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *extra,
            "--reps", str(args.reps), "--threads", str(args.threads)]
     cap = int(args.mem_cap_gib * 2**30)
 
@@ -138,17 +175,49 @@ def spawn_case(impl, length, causal, backward, args) -> dict:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit)
-    row = {"impl": impl, "L": length, "causal": causal,
-           "pass": "fwd+bwd" if backward else "fwd"}
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     if proc.returncode == 0 and last.startswith("{"):
-        row.update(json.loads(last))
-        return row
+        return json.loads(last), ""
+    if any(s in proc.stderr for s in ("can't allocate memory", "MemoryError",
+                                      "out of memory", "std::bad_alloc")):
+        return None, "OOM"
     err = proc.stderr.strip().splitlines()
-    oom = any(s in proc.stderr for s in ("can't allocate memory", "MemoryError",
-                                         "out of memory", "std::bad_alloc"))
-    row.update({"error": "OOM" if oom else (err[-1] if err else f"exit {proc.returncode}")})
-    return row
+    return None, err[-1] if err else f"exit {proc.returncode}"
+
+
+def measure_rows(length: int, backward: bool, args) -> list[dict]:
+    """Memory of each implementation, causal and not (one subprocess each), then all their
+    times (one subprocess, taking turns, so causal and non-causal see the same load)."""
+    pss = "fwd+bwd" if backward else "fwd"
+    rows = {}
+    for causal in (False, True):
+        for impl in IMPLS:
+            res, err = _spawn(["--case", "memory", impl, str(length), str(int(causal)), pss],
+                              args)
+            row = {"impl": impl, "L": length, "causal": causal, "pass": pss}
+            if impl == "reference":
+                row["needs_bytes"] = reference_needs(length, backward)
+            row.update(res if res is not None else {"error": err})
+            rows[(impl, causal)] = row
+    timed = [i for i in ("torch", "chunked", "reference")
+             if not any("error" in rows[(i, c)] for c in (False, True))
+             and not (i == "reference" and reference_needs(length, backward) >
+                      args.mem_cap_gib * 2**30 / 2)]
+    # The reference is timed in a process of its own: its gigabytes of (L x L) steps,
+    # allocated and freed, would slow the runs that follow it.
+    res, err = {}, ""
+    for group in ([i for i in timed if i != "reference"], [i for i in timed if i == "reference"]):
+        if group:
+            part, e = _spawn(["--case", "time", ",".join(group), str(length), "-", pss], args)
+            res.update(part or {})
+            err = err or e
+    for (impl, causal), row in rows.items():
+        key = f"{impl}/{int(causal)}"
+        if key in res:
+            row["seconds"] = res[key]
+        elif "error" not in row:
+            row["error"] = err or "not timed"
+    return [rows[(i, c)] for c in (False, True) for i in IMPLS]
 
 
 # ---- the table ------------------------------------------------------------------------------
@@ -244,9 +313,12 @@ def machine() -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.case:
-        impl, length, causal, pss = args.case
-        res = run_case(impl, int(length), causal == "1", pss == "fwd+bwd", args.reps,
-                       args.threads)
+        kind, impl, length, causal, pss = args.case
+        length, causal, backward = int(length), causal == "1", pss == "fwd+bwd"
+        if kind == "memory":
+            res = memory_case(impl, length, causal, backward, args.threads)
+        else:
+            res = time_row(impl.split(","), length, backward, args.reps, args.threads)
         print(json.dumps(res))
         return 0
     import torch
@@ -259,15 +331,13 @@ def main(argv=None) -> int:
     rows = []
     for length in args.lengths:
         for backward in (False, True):
-            for causal in (False, True):
-                for impl in ("torch", "chunked", "reference"):
-                    r = spawn_case(impl, length, causal, backward, args)
-                    if impl == "reference":
-                        r["needs_bytes"] = reference_needs(length, backward)
-                    rows.append(r)
-                    print(f"  {impl:9s} L={length:<6} causal={causal!s:5} "
-                          f"{r['pass']:8s} {cell(r)[0]:>8} s  {cell(r)[1]}", flush=True)
-    long_row = spawn_case("chunked", args.long, False, False, args)
+            for r in measure_rows(length, backward, args):
+                rows.append(r)
+                print(f"  {r['impl']:9s} L={length:<6} causal={r['causal']!s:5} "
+                      f"{r['pass']:8s} {cell(r)[0]:>8} s  {cell(r)[1]}", flush=True)
+    res, err = _spawn(["--case", "memory", "chunked", str(args.long), "0", "fwd"], args)
+    long_row = {"impl": "chunked", "L": args.long, "causal": False, "pass": "fwd"}
+    long_row.update({**res, "seconds": res["once_seconds"]} if res else {"error": err})
     print(f"  chunked   L={args.long:<6} causal=False fwd      {cell(long_row)[0]:>8} s  "
           f"{cell(long_row)[1]}", flush=True)
     print()
@@ -276,7 +346,7 @@ def main(argv=None) -> int:
     print("\ntargets (issue 5):")
     for t in targets:
         v = t["value"]
-        shown = f"{v:.2f}" if isinstance(v, float) else str(v)
+        shown = f"{v:.3g}" if isinstance(v, float) else str(v)
         print(f"  {'ok  ' if t['ok'] else 'MISS'} {t['target']}: {shown} (limit {t['limit']})")
     with open("/proc/loadavg") as f:
         info["loadavg_end"] = f.read().split()[:3]
