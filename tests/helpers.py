@@ -10,6 +10,8 @@ is what rounding to that dtype alone costs, so the bound is derived, not guessed
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -73,3 +75,14 @@ def assert_lowp_rule(got, want64, baseline, *, factor=2.0, atol=1e-5, what="outp
     assert err <= factor * base + atol, (
         f"{what}: error {err:.3e} exceeds {factor} x baseline error {base:.3e} + {atol:g}"
     )
+
+
+@contextmanager
+def one_thread():
+    """Run torch on one thread: tiny models are fastest so, and a busy second core stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

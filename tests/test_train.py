@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,11 @@ from safetensors.torch import load_file
 from qkv import checkpoint as ckpt
 from qkv.train import TrainConfig, evaluate, load_run, lr_at, train
 
+from helpers import one_thread
+
 TINY = {"d_model": 32, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff_dim": 64}
 REPO = Path(__file__).resolve().parents[1]
 
-
-@contextmanager
-def one_thread():
-    """Tiny models train fastest on one thread, and a shared 2-core machine stalls two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def config(**kw) -> TrainConfig:

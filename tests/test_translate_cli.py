@@ -5,29 +5,20 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
 from qkv.cli import main
 from qkv.train import load_run
+
+from helpers import one_thread
 
 TRAIN = ["--steps", "60", "--batch-size", "32", "--lr", "3e-3", "--warmup", "5",
          "--d-model", "32", "--heads", "2", "--encoder-layers", "1", "--decoder-layers", "1",
          "--ff-dim", "64", "--eval-every", "30", "--eval-size", "30",
          "--checkpoint-every", "30", "--quiet"]
 
-
-@contextmanager
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
