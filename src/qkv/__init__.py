@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from . import reference_numpy
-from .backends import names as _backend_names
 from .functional import AttentionSteps, attention, explain
+from .kernels import names as _backend_names
 from .layers import KVCache, MultiHeadAttention
 from .masks import causal_mask, padding_mask, window_mask
 

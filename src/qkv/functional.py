@@ -1,44 +1,28 @@
 """``qkv.attention`` and ``qkv.explain``: the single entry to the mathematics.
 
-Validation happens here, once; the result is a canonical :class:`~qkv.backends.base.Call`
-handed to one backend. Modules, models and the CLI call these functions, never a backend.
+Validation happens here, once (:func:`prepare_call`); the result is a canonical
+:class:`~qkv.kernels.base.Call` handed to one backend. Modules, models and the CLI call
+these functions, never a backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from . import backends as _backends
-from .backends.base import Call
-from .backends.reference import reference_steps
+from . import kernels as _kernels
+from .kernels.base import Call
+from .kernels.reference import AttentionSteps, reference_steps
 from .masks import Mask
+from .validate import check_qkv
 
-__all__ = ["AttentionSteps", "attention", "explain"]
+__all__ = ["AttentionSteps", "attention", "explain", "prepare_call"]
 
 log = logging.getLogger("qkv")
-
-
-@dataclass
-class AttentionSteps:
-    """The five steps of the mechanism for one call, each shaped like the inputs' batch.
-
-    ``scores = q @ k^T``; ``scaled = scores * scale``; ``masked`` = scaled scores with the
-    additive mask added and ``-inf`` where a key is hidden; ``weights = softmax(masked)``
-    (rows of a fully hidden query are 0); ``output = weights @ v``.
-    Shapes: scores/scaled/masked/weights ``(..., Hq, Lq, Lk)``, output ``(..., Hq, Lq, Dv)``.
-    """
-
-    scores: Tensor
-    scaled: Tensor
-    masked: Tensor
-    weights: Tensor
-    output: Tensor
-    scale: float
 
 
 def attention(
@@ -84,7 +68,7 @@ def attention(
     A query that can see no key gets output 0 and weight 0 (never NaN). Scores, softmax and
     accumulation run in float32 (float64 for float64 inputs).
     """
-    call, batch_shape = _prepare(
+    call, batch_shape = prepare_call(
         q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout=dropout,
         return_weights=return_weights, generator=generator,
     )
@@ -108,49 +92,44 @@ def explain(
     window: int | tuple[int | None, int | None] | None = None,
     scale: float | None = None,
     dropout: float = 0.0,
-    return_weights: bool = False,
-    backend: str = "reference",
     generator: torch.Generator | None = None,
 ) -> AttentionSteps:
-    """Attention step by step: same arguments as :func:`attention`, returns every step.
+    """Attention step by step: the options of :func:`attention`, returns every step.
 
-    The steps are computed by the reference backend (the only one that keeps them) in
-    float32 (float64 for float64 inputs); ``output`` has the input dtype.
+    ``mask``, ``causal``, ``window`` and ``scale`` mean what they mean there; with
+    ``dropout > 0`` the weights (and so the output) are those after dropout, drawn from
+    ``generator``. The steps are computed by the reference backend (the only one that keeps
+    them) in float32 (float64 for float64 inputs); ``output`` has the input dtype.
     """
-    if backend not in ("auto", "reference"):
-        raise ValueError(
-            f"explain computes the steps with the reference backend; got backend={backend!r}. "
-            "Fix: leave backend at its default"
-        )
-    call, batch_shape = _prepare(
+    call, batch_shape = prepare_call(
         q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout=dropout,
-        return_weights=return_weights, generator=generator,
+        generator=generator,
     )
     s = reference_steps(_zero_hidden_keys(call))
 
     def unflat(t: Tensor) -> Tensor:
         return t.expand(call.batch, *t.shape[1:]).reshape(*batch_shape, *t.shape[1:])
 
-    return AttentionSteps(
-        scores=unflat(s.scores), scaled=unflat(s.scaled), masked=unflat(s.masked),
-        weights=unflat(s.weights), output=unflat(s.output), scale=call.scale,
+    return dataclasses.replace(
+        s, scores=unflat(s.scores), scaled=unflat(s.scaled), masked=unflat(s.masked),
+        weights=unflat(s.weights), output=unflat(s.output),
     )
 
 
 # ---- choosing a backend -------------------------------------------------------------------
 def _choose(call: Call, name: str):
     if name != "auto":
-        be = _backends.get(name)
+        be = _kernels.get(name)
         why = be.unsupported(call)
         if why is not None:
             raise ValueError(
                 f"backend {name!r} cannot do this call: it does not support {why}. "
-                f"Fix: use backend='auto' or one of {_backends.names()}"
+                f"Fix: use backend='auto' or one of {_kernels.names()}"
             )
         return be
     reasons = []
-    for candidate, rule in _backends.auto_order(call):
-        be = _backends.get(candidate)
+    for candidate, rule in _kernels.auto_order(call):
+        be = _kernels.get(candidate)
         why = be.unsupported(call)
         if why is None:
             log.debug("qkv.attention auto chose %r (%s)%s", candidate, rule,
@@ -172,48 +151,17 @@ def _zero_hidden_keys(call: Call) -> Call:
 
 
 # ---- validation ---------------------------------------------------------------------------
-def _prepare(q, k, v, *, mask, causal, window, scale, dropout, return_weights, generator):
-    """Check every input and build the canonical Call; returns (call, batch_shape)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}. "
-                            f"Fix: pass torch.as_tensor({name})")
-        if t.dim() < 3:
-            raise ValueError(
-                f"{name} must have shape (..., heads, length, dim) with at least 3 dims; got "
-                f"shape {tuple(t.shape)}. Fix: add a heads dimension, e.g. {name}.unsqueeze(-3)"
-            )
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}. "
-                            f"Fix: {name}.float()")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}. "
-                        "Fix: cast them with .to(q.dtype)")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, "
-                         f"{v.device}. Fix: move them with .to(q.device)")
-    if not (q.dim() == k.dim() == v.dim()):
-        raise ValueError(f"q, k and v must have the same number of dims; got {q.dim()}, "
-                         f"{k.dim()}, {v.dim()} (shapes {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)})")
+def prepare_call(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout=0.0,
+                 return_weights=False, generator=None) -> tuple[Call, tuple[int, ...]]:
+    """Check every input of :func:`attention` and build the canonical :class:`Call` that a
+    backend receives (leading batch dims flattened into one, every mask folded into one
+    :class:`~qkv.masks.Mask`); returns ``(call, batch_shape)``. For code that drives the
+    kernels of :mod:`qkv.kernels` directly; everything else calls :func:`attention`."""
+    check_qkv(q, k, v)
     batch_shape = tuple(q.shape[:-3])
-    if tuple(k.shape[:-3]) != batch_shape or tuple(v.shape[:-3]) != batch_shape:
-        raise ValueError(f"q, k and v must share their leading (batch) dims; got "
-                         f"{tuple(q.shape[:-3])}, {tuple(k.shape[:-3])}, {tuple(v.shape[:-3])}")
     hq, lq, d = q.shape[-3:]
-    hkv, lk, dk = k.shape[-3:]
-    hv, lv, dv = v.shape[-3:]
-    if dk != d:
-        raise ValueError(f"k has head dim {dk} but q has {d}; the query and key dims must "
-                         "match (the scores are q @ k^T)")
-    if d == 0:
-        raise ValueError("q and k have head dim 0; expected at least 1")
-    if hv != hkv or lv != lk:
-        raise ValueError(f"v has {hv} heads and length {lv} but k has {hkv} heads and length "
-                         f"{lk}; each key needs exactly one value")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"k has {hkv} heads but q has {hq}; the query heads must be a "
-                         "multiple of the key heads (GQA)")
+    hkv, lk, _ = k.shape[-3:]
+    dv = v.shape[-1]
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be True or False; got {causal!r}")
     if not isinstance(return_weights, bool):

@@ -10,12 +10,10 @@
 
 from __future__ import annotations
 
-from .ring import (
+from .ring import RingStats, record_ring_stats, ring_attention
+from .sharding import (
     LAYOUTS,
-    RingStats,
     gather_sequence,
-    record_ring_stats,
-    ring_attention,
     shard_positions,
     shard_sequence,
     unshard_sequence,

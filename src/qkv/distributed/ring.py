@@ -9,16 +9,16 @@ rank ``src = r - s (mod N)``:
 
 1. it posts the transfer of that shard to ``r+1`` and of the next one from ``r-1``;
 2. meanwhile it computes the attention of its queries over the shard it holds with the
-   chunked backend (:func:`~qkv.backends.chunked.chunked_forward`), which returns the
+   chunked backend (:func:`~qkv.kernels.chunked.chunked_forward`), which returns the
    partial output and its log-sum-exp;
 3. it merges the partial into its running output exactly
-   (:func:`~qkv.backends.chunked.merge_partials`), then waits for the transfer.
+   (:func:`~qkv.kernels.chunked.merge_partials`), then waits for the transfer.
 
 So memory per rank is O(L/N) (a few shards plus the chunked backend's blocks) and the
 transfer of the next shard overlaps the computation on the current one.
 
 The backward (an :class:`torch.autograd.Function`) runs the same ring again. Every block's
-gradient is computed by :func:`~qkv.backends.chunked.chunked_backward` with the *merged*
+gradient is computed by :func:`~qkv.kernels.chunked.chunked_backward` with the *merged*
 ``lse`` and ``delta = (dout * out).sum(-1)`` of the full output, so partial gradients over
 key shards add up to the full gradient. ``dq`` stays on its rank; the partial ``dk, dv`` of a
 shard are accumulated in a buffer that follows the shard around the ring (one hop behind the
@@ -30,8 +30,9 @@ Causal attention then leaves rank 0 almost idle (it sees only its own shard) whi
 ``N-1`` sees all of them. With ``layout="zigzag"`` the sequence is cut into ``2N`` chunks
 and rank ``r`` holds chunks ``r`` and ``2N-1-r``: every rank then computes the same amount
 of causal attention at every step (one diagonal block at step 0, then half a shard against
-a full shard). :func:`shard_sequence`, :func:`unshard_sequence` and :func:`shard_positions`
-convert between a full sequence and either layout.
+a full shard). :func:`~qkv.distributed.shard_sequence`, :func:`~qkv.distributed.unshard_sequence`
+and :func:`~qkv.distributed.shard_positions` (:mod:`qkv.distributed.sharding`) convert
+between a full sequence and either layout.
 
 Causal. The global sequence has ``Lq == Lk``, so bottom-right alignment is the plain
 diagonal: position ``i`` sees positions ``j <= i``. For a pair (query shard, key shard) a
@@ -53,29 +54,19 @@ import contextlib
 import datetime
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..backends.chunked import chunked_backward, chunked_forward, merge_partials
+from ..kernels.chunked import chunked_backward, chunked_forward, merge_partials
 from ..masks import Mask
+from ..validate import check_qkv
+from .sharding import LAYOUTS
 
-__all__ = [
-    "LAYOUTS",
-    "RingStats",
-    "gather_sequence",
-    "record_ring_stats",
-    "ring_attention",
-    "shard_positions",
-    "shard_sequence",
-    "unshard_sequence",
-]
-
-#: The ways a sequence can be cut into per-rank shards.
-LAYOUTS = ("contiguous", "zigzag")
+__all__ = ["RingStats", "record_ring_stats", "ring_attention"]
 
 # Message tags: key/value shards and gradient accumulators never share a tag, so a transfer
 # of one kind can never be matched with the other (gloo matches by peer and tag).
@@ -376,32 +367,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool 
 
 def _check_local(q, k, v, *, causal, layout, scale, timeout) -> None:
     """Everything that can be checked without talking to the other ranks."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have shape (B, heads, L/N, dim), 4 dims; got shape "
-                             f"{tuple(t.shape)}. Fix: reshape the leading dims into one batch "
-                             "dim")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, "
-                         f"{v.device}")
-    b, hq, n, d = q.shape
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(f"q, k and v must share the batch dim; got {b}, {k.shape[0]}, "
-                         f"{v.shape[0]}")
-    if k.shape[3] != d:
-        raise ValueError(f"k has head dim {k.shape[3]} but q has {d}; they must match")
-    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
-        raise ValueError(f"v has {v.shape[1]} heads and length {v.shape[2]} but k has "
-                         f"{k.shape[1]} and {k.shape[2]}; each key needs one value")
-    if k.shape[1] == 0 or hq % k.shape[1]:
-        raise ValueError(f"k has {k.shape[1]} heads but q has {hq}; the query heads must be a "
-                         "multiple of the key heads (GQA)")
+    check_qkv(q, k, v, dims=4)
+    n = q.shape[2]
     if k.shape[2] != n:
         raise ValueError(f"q holds {n} positions but k holds {k.shape[2]}: ring attention is "
                          "self-attention over one sharded sequence, so each rank's queries "
@@ -459,87 +426,3 @@ def _check_ranks(ring: _Ring, q, k, v, *, causal, layout, scale) -> None:
             raise ValueError(f"the ranks disagree on the {name} of their ring_attention call "
                              f"(per rank: {values}); every rank must pass shards of the same "
                              f"shapes, dtype and options")
-
-
-# ---- sharding helpers ----------------------------------------------------------------------------
-def _check_split(length: int, world_size: int, layout: str) -> int:
-    """The shard length for ``length`` positions over ``world_size`` ranks."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int; got {world_size!r}")
-    parts = world_size * (2 if layout == "zigzag" else 1)
-    if length % parts:
-        raise ValueError(f"a sequence of {length} positions cannot be cut into {parts} equal "
-                         f"{'chunks' if layout == 'zigzag' else 'shards'} ({layout} layout, "
-                         f"{world_size} ranks). Fix: pad it to a multiple of {parts}")
-    return length // world_size
-
-
-def shard_positions(length: int, rank: int, world_size: int, *,
-                    layout: str = "contiguous") -> Tensor:
-    """Global positions held by ``rank``: int64 ``(length / world_size,)``, increasing.
-
-    Use them for positional encodings of a shard (e.g. rotary angles).
-    """
-    n = _check_split(length, world_size, layout)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}); got {rank}")
-    if layout == "contiguous":
-        return torch.arange(rank * n, (rank + 1) * n)
-    c = n // 2
-    last = 2 * world_size - 1 - rank
-    return torch.cat([torch.arange(rank * c, (rank + 1) * c),
-                      torch.arange(last * c, (last + 1) * c)])
-
-
-def shard_sequence(x: Tensor, rank: int, world_size: int, *, layout: str = "contiguous",
-                   dim: int = -2) -> Tensor:
-    """The shard of the full sequence ``x`` that ``rank`` holds (positions along ``dim``).
-
-    ``x (B, H, L, D)`` with the default ``dim=-2`` gives ``(B, H, L/N, D)``. Contiguous: a
-    view; zigzag: a copy of chunks ``rank`` and ``2N-1-rank``.
-    """
-    n = _check_split(x.shape[dim], world_size, layout)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}); got {rank}")
-    if layout == "contiguous":
-        return x.narrow(dim, rank * n, n)
-    c = n // 2
-    last = 2 * world_size - 1 - rank
-    return torch.cat([x.narrow(dim, rank * c, c), x.narrow(dim, last * c, c)], dim=dim)
-
-
-def unshard_sequence(shards: Sequence[Tensor], *, layout: str = "contiguous",
-                     dim: int = -2) -> Tensor:
-    """The full sequence from the shards of ranks ``0 .. N-1`` (inverse of
-    :func:`shard_sequence`)."""
-    if not shards:
-        raise ValueError("unshard_sequence needs the shards of every rank; got none")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
-    lengths = [s.shape[dim] for s in shards]
-    if len(set(lengths)) > 1:
-        raise ValueError(f"shards must have equal lengths along dim {dim}; got {lengths}")
-    if layout == "contiguous":
-        return torch.cat(list(shards), dim=dim)
-    if lengths[0] % 2:
-        raise ValueError(f"zigzag shards hold two equal chunks, so an even length; got "
-                         f"{lengths[0]}")
-    world = len(shards)
-    c = lengths[0] // 2
-    chunks: list[Tensor | None] = [None] * (2 * world)
-    for r, s in enumerate(shards):
-        chunks[r] = s.narrow(dim, 0, c)
-        chunks[2 * world - 1 - r] = s.narrow(dim, c, c)
-    return torch.cat(chunks, dim=dim)
-
-
-def gather_sequence(x: Tensor, *, group=None, layout: str = "contiguous",
-                    dim: int = -2) -> Tensor:
-    """All-gather every rank's shard ``x`` and return the full sequence on every rank (not
-    differentiable; for evaluation, logging and tests)."""
-    size = dist.get_world_size(group)
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return unshard_sequence(parts, layout=layout, dim=dim)

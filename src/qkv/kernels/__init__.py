@@ -1,19 +1,39 @@
 """The registry of attention backends and the rule ``backend="auto"`` follows.
 
-Every backend computes the same function (see :mod:`qkv.backends.base`); they differ in
+Every backend computes the same function (see :mod:`qkv.kernels.base`); they differ in
 how. Backends whose dependencies are optional (Triton) register only when importable.
+``auto`` puts ``chunked`` before the reference when the reference would need more than
+:data:`REFERENCE_MEMORY_BUDGET` bytes (set ``qkv.kernels.REFERENCE_MEMORY_BUDGET``), and
+before ``torch`` too when SDPA would need a dense ``(Lq x Lk)`` mask.
 """
 
 from __future__ import annotations
 
 import importlib.util
 
+import torch
+
 from .base import Backend, Call
-from .chunked import ChunkedBackend, memory_reason, sdpa_needs_dense_mask
+from .chunked import ChunkedBackend
 from .reference import ReferenceBackend
 from .torch_sdpa import TorchSDPABackend
 
-__all__ = ["Backend", "Call", "auto_order", "get", "names", "register"]
+__all__ = [
+    "REFERENCE_MEMORY_BUDGET",
+    "Backend",
+    "Call",
+    "auto_order",
+    "get",
+    "memory_reason",
+    "names",
+    "reference_memory",
+    "register",
+    "sdpa_needs_dense_mask",
+]
+
+#: ``backend="auto"`` puts ``chunked`` before ``reference`` (and before ``torch`` when SDPA
+#: would need a dense mask) when the reference would need more bytes than this.
+REFERENCE_MEMORY_BUDGET: int = 1 << 30
 
 _REGISTRY: dict[str, Backend] = {}
 
@@ -37,6 +57,33 @@ def get(name: str) -> Backend:
         raise ValueError(
             f"unknown backend {name!r}; expected 'auto' or one of {names()}"
         ) from None
+
+
+def reference_memory(call: Call) -> int:
+    """Bytes the reference backend keeps alive for ``call``: its four ``(B, Hq, Lq, Lk)``
+    steps (scores, scaled, masked, weights) in the compute dtype, plus the dense bool mask
+    when there is one."""
+    cells = call.batch * call.heads * call.lq * call.lk
+    itemsize = torch.empty((), dtype=call.compute_dtype).element_size()
+    return cells * (4 * itemsize + (0 if call.mask.is_empty else 1))
+
+
+def memory_reason(call: Call) -> str | None:
+    """Why ``auto`` should prefer ``chunked`` for ``call`` (None when it need not)."""
+    need = reference_memory(call)
+    if need <= REFERENCE_MEMORY_BUDGET:
+        return None
+    return (f"the reference would need {need / 2**30:.2f} GiB for the (Lq x Lk) steps, over "
+            f"qkv.kernels.REFERENCE_MEMORY_BUDGET = "
+            f"{REFERENCE_MEMORY_BUDGET / 2**30:.2f} GiB; chunked needs O(Lq + Lk)")
+
+
+def sdpa_needs_dense_mask(call: Call) -> bool:
+    """True when the ``torch`` backend would pass SDPA an (Lq x Lk) mask for ``call`` (any
+    mask other than none or square causal), so its memory grows with Lq * Lk too."""
+    m = call.mask
+    square_causal = m.causal and m.lq == m.lk and m.left is None and m.right == 0
+    return not m.is_empty and not (square_causal and not m.has_tensor)
 
 
 def auto_order(call: Call) -> list[tuple[str, str]]:

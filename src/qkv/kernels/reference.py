@@ -15,14 +15,22 @@ from .base import Backend, Call
 
 
 @dataclass
-class Steps:
-    """Every intermediate of one call, in canonical shapes (B, Hq, Lq, Lk)."""
+class AttentionSteps:
+    """The five steps of the mechanism for one call, each shaped like the inputs' batch.
 
-    scores: Tensor  # (B, Hq, Lq, Lk)  q @ k^T
-    scaled: Tensor  # (B, Hq, Lq, Lk)  scores * scale
-    masked: Tensor  # (B, Hq, Lq, Lk)  scaled + bias, -inf where hidden
-    weights: Tensor  # (B, Hq, Lq, Lk)  softmax(masked), after dropout when dropout > 0
-    output: Tensor  # (B, Hq, Lq, Dv)  weights @ v, in the input dtype
+    ``scores = q @ k^T``; ``scaled = scores * scale``; ``masked`` = scaled scores with the
+    additive mask added and ``-inf`` where a key is hidden; ``weights = softmax(masked)``
+    (rows of a fully hidden query are 0; after dropout when dropout > 0);
+    ``output = weights @ v`` in the input dtype. Shapes: scores/scaled/masked/weights
+    ``(..., Hq, Lq, Lk)``, output ``(..., Hq, Lq, Dv)`` (``(B, Hq, ...)`` inside a backend).
+    """
+
+    scores: Tensor  # (..., Hq, Lq, Lk)  q @ k^T
+    scaled: Tensor  # (..., Hq, Lq, Lk)  scores * scale
+    masked: Tensor  # (..., Hq, Lq, Lk)  scaled + bias, -inf where hidden
+    weights: Tensor  # (..., Hq, Lq, Lk)  softmax(masked), after dropout when dropout > 0
+    output: Tensor  # (..., Hq, Lq, Dv)  weights @ v, in the input dtype
+    scale: float
 
 
 def masked_softmax(x: Tensor, allowed: Tensor | None) -> Tensor:
@@ -49,7 +57,7 @@ def dropout_weights(w: Tensor, p: float, generator: torch.Generator | None) -> T
     return torch.where(keep, w / (1.0 - p), torch.zeros_like(w))
 
 
-def reference_steps(call: Call) -> Steps:
+def reference_steps(call: Call) -> AttentionSteps:
     """Compute attention step by step (upcast to float32, or float64 for float64 input)."""
     b, hq, lq, d = call.q.shape
     hkv, lk, dv = call.kv_heads, call.lk, call.v.shape[-1]
@@ -70,7 +78,7 @@ def reference_steps(call: Call) -> Steps:
         weights = dropout_weights(weights, call.dropout, call.generator)
     out = weights.reshape(b, hkv, g, lq, lk) @ v  # (B, Hkv, G, Lq, Dv)
     out = out.reshape(b, hq, lq, dv).to(call.q.dtype)  # (B, Hq, Lq, Dv)
-    return Steps(scores, scaled, masked, weights, out)
+    return AttentionSteps(scores, scaled, masked, weights, out, call.scale)
 
 
 class ReferenceBackend(Backend):

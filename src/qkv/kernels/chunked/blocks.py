@@ -1,0 +1,193 @@
+"""One block of scores: what a chunked call needs at every (query block, key block) pair.
+
+:class:`Blocks` holds the inputs in compute layout (``q`` pre-multiplied by ``scale *
+log2(e)`` so that scores are in base 2), cuts the work into units and shares for the CPU
+threads, slices masks per block and applies dropout.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from ...masks import BlockState, Mask
+from .dropout import dropout_keep
+from .planning import Plan
+from .threads import Queue, split, workers
+
+LOG2E = 1.0 / math.log(2.0)  # scores * LOG2E turn exp(x) into exp2(x * LOG2E)
+LN2 = math.log(2.0)
+
+
+class Blocks:
+    """What one call needs at every block: inputs in compute layout, masks, dropout.
+
+    ``q2`` is ``q * scale * log2(e)`` viewed ``(B, Hkv, G, Lq, D)``; ``k2``/``v2`` are
+    ``(B*Hkv, Lk, D|Dv)``. A *unit* of work is a head group ``grp = (b0, b1, h0, h1)``
+    (batch rows and kv heads) with a block of queries ``q0:q1``; units write disjoint rows.
+    """
+
+    def __init__(self, q, k, v, mask: Mask, scale: float, plan: Plan, *, dropout: float,
+                 seed: int | None, offsets: tuple[int, int]):
+        b, hq, lq, d = q.shape
+        hkv, lk = k.shape[1], k.shape[2]
+        self.b, self.hq, self.hkv, self.g, self.lq, self.lk = b, hq, hkv, hq // hkv, lq, lk
+        self.ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.device = q.device
+        self.mask, self.plan = mask, plan
+        if dropout > 0 and seed is None:
+            raise ValueError("dropout > 0 needs a seed (an int) so the backward can regenerate "
+                             "the mask; got seed=None. Fix: pass seed=draw_seed(generator, dev)")
+        self.dropout, self.seed, self.offsets = dropout, seed, offsets
+        self.q2 = (q.to(self.ct) * (scale * LOG2E)).reshape(b, hkv, self.g, lq, d)
+        self.k2 = k.to(self.ct).reshape(b * hkv, lk, d)  # (B*Hkv, Lk, D)
+        self.v2 = None if v is None else v.to(self.ct).reshape(b * hkv, lk, v.shape[-1])
+        self.neg_inf = torch.full((), float("-inf"), dtype=self.ct, device=self.device)
+        self.zero = torch.zeros((), dtype=self.ct, device=self.device)
+        self._band_cache: dict[tuple[int, int, int], Tensor] = {}
+        self._local = threading.local()  # scratch buffers, one set per thread
+
+    # -- the work, cut into units and shares --
+    def groups(self) -> Iterator[tuple[int, int, int, int]]:
+        """Head groups as (batch rows b0:b1, kv heads h0:h1): whole batch rows at a time
+        when all their heads fit, else one batch row and part of its heads."""
+        step = self.plan.heads
+        if step >= self.hkv:
+            rows = max(1, step // self.hkv)
+            for b0 in range(0, self.b, rows):
+                yield b0, min(b0 + rows, self.b), 0, self.hkv
+        else:
+            for b0 in range(self.b):
+                for h0 in range(0, self.hkv, step):
+                    yield b0, b0 + 1, h0, min(h0 + step, self.hkv)
+
+    def shares(self, *, fixed: bool) -> list:
+        """Every unit (grp, q0, q1), for the CPU threads. ``fixed``: dealt beforehand by the
+        keys each unit visits (results then do not depend on timing; the backward needs
+        that); else one queue from which idle threads take the next unit, costliest first
+        (units write disjoint rows, so the order does not matter)."""
+        units, costs = [], []
+        for grp in self.groups():
+            heads = (grp[1] - grp[0]) * (grp[3] - grp[2])
+            for q0 in range(0, self.lq, self.plan.block_q):
+                q1 = min(q0 + self.plan.block_q, self.lq)
+                units.append((grp, q0, q1))
+                costs.append(heads * (q1 - q0) * sum(k1 - k0 for k0, k1, _ in
+                                                     self.states(q0, q1)))
+        n = max(1, min(workers(self.device), len(units)))
+        if fixed:
+            return split(units, costs, n)
+        order = sorted(range(len(units)), key=lambda i: -costs[i])
+        return [Queue([units[i] for i in order])] * n
+
+    def states(self, q0: int, q1: int) -> Iterator[tuple[int, int, BlockState]]:
+        """Key blocks (k0, k1, state) for queries q0:q1, skipping the band's HIDDEN ones."""
+        for k0 in range(0, self.lk, self.plan.block_k):
+            k1 = min(k0 + self.plan.block_k, self.lk)
+            state = self.mask.band_block_state(q0, q1, k0, k1)
+            if state is not BlockState.HIDDEN:
+                yield k0, k1, state
+
+    # -- slicing --
+    def buffer(self, name: str, n: int, rows: int, cols: int) -> Tensor:
+        """A contiguous (n, rows, cols) scratch tensor in the compute dtype, reused."""
+        bufs = self._local.__dict__.setdefault("bufs", {})
+        size = n * rows * cols
+        buf = bufs.get(name)
+        if buf is None or buf.numel() < size:
+            buf = bufs[name] = torch.empty(size, dtype=self.ct, device=self.device)
+        return buf[:size].view(n, rows, cols)
+
+    def q_rows(self, t: Tensor, grp, q0: int, q1: int) -> Tensor:
+        """Rows q0:q1 of a (B, Hkv, G, Lq, X) tensor for the group: (n, G*bq, X)."""
+        b0, b1, h0, h1 = grp
+        n = (b1 - b0) * (h1 - h0)
+        return t[b0:b1, h0:h1, :, q0:q1].reshape(n, self.g * (q1 - q0), t.shape[-1])
+
+    def kv_rows(self, t: Tensor, grp, k0: int, k1: int) -> Tensor:
+        """Keys k0:k1 of a (B*Hkv, Lk, X) tensor for the group: (n, bk, X)."""
+        b0, b1, h0, h1 = grp
+        # A view (never a copy): the backward accumulates gradients into it in place.
+        return t.view(self.b, self.hkv, *t.shape[1:])[b0:b1, h0:h1, k0:k1].view(
+            (b1 - b0) * (h1 - h0), k1 - k0, t.shape[-1])
+
+    def heads_view(self, s: Tensor, grp, rows: int) -> Tensor:
+        """(n, G*bq, X) viewed as (b, Hq', bq, X), the layout of the masks."""
+        b0, b1, h0, h1 = grp
+        return s.view(b1 - b0, (h1 - h0) * self.g, rows, s.shape[-1])
+
+    # -- one block --
+    def scores(self, qb: Tensor, grp, q0: int, q1: int, k0: int, k1: int,
+               state: BlockState) -> Tensor:
+        """Base-2 masked scores of the block: ``(n, G*bq, bk)``, ``-inf`` where hidden.
+
+        ``qb (n, G*bq, D)`` holds the group's queries q0:q1 times ``scale * log2(e)``. The
+        result lives in this thread's scratch buffer "s" until the next call.
+        """
+        kb = self.kv_rows(self.k2, grp, k0, k1)  # (n, bk, D)
+        s = self.buffer("s", qb.shape[0], qb.shape[1], k1 - k0)  # (n, G*bq, bk)
+        torch.bmm(qb, kb.transpose(1, 2), out=s)
+        allowed, bias = self.block_mask(grp, q0, q1, k0, k1, state)
+        if allowed is not None or bias is not None:
+            s4 = self.heads_view(s, grp, q1 - q0)  # (b, Hq', bq, bk)
+            if bias is not None:
+                s4.add_(bias, alpha=LOG2E)
+            if allowed is not None:  # select, never multiply: NaN there cannot leak
+                torch.where(allowed, s4, self.neg_inf, out=s4)
+        return s
+
+    def block_mask(self, grp, q0, q1, k0, k1, state) -> tuple[Tensor | None, Tensor | None]:
+        """(allowed, bias) of the block for the group's batch rows and heads; None, None
+        when the block needs no mask at all."""
+        m = self.mask
+        if not m.has_tensor:
+            if state is BlockState.VISIBLE:
+                return None, None
+            # The band alone depends only on where the block sits relative to the diagonal.
+            key = (q0 + m.offset - k0, q1 - q0, k1 - k0)
+            band = self._band_cache.get(key)
+            if band is None:
+                band = m.band(q0, q1, k0, k1, self.device)[None, None]  # (1, 1, bq, bk)
+                self._band_cache[key] = band
+            return band, None
+        allowed, bias = m.block(q0, q1, k0, k1, self.device)
+        b0, b1, h0, h1 = grp
+        hs = slice(h0 * self.g, h1 * self.g)
+        allowed = None if allowed is None else _slice_heads(allowed, slice(b0, b1), hs)
+        bias = None if bias is None else _slice_heads(bias, slice(b0, b1), hs)
+        return allowed, bias
+
+    def keep(self, grp, q0: int, q1: int, k0: int, k1: int) -> Tensor:
+        """Dropout's keep mask of the block, bool (b, Hq', bq, bk)."""
+        b0, b1, h0, h1 = grp
+        dev = self.device
+        bidx = torch.arange(b0, b1, device=dev)[:, None]
+        hidx = torch.arange(h0 * self.g, h1 * self.g, device=dev)[None, :]
+        bh = (bidx * self.hq + hidx)[:, :, None, None]  # (b, Hq', 1, 1)
+        qo, ko = self.offsets
+        rows = torch.arange(q0 + qo, q1 + qo, device=dev)
+        cols = torch.arange(k0 + ko, k1 + ko, device=dev)
+        return dropout_keep(self.seed, bh, rows, cols, self.dropout)
+
+    def drop_(self, p: Tensor, grp, q0: int, q1: int, k0: int, k1: int) -> Tensor:
+        """Apply dropout to a block ``(n, G*bq, bk)`` in place: dropped = 0, kept / (1-p)."""
+        p4 = self.heads_view(p, grp, q1 - q0)  # (b, Hq', bq, bk)
+        torch.where(self.keep(grp, q0, q1, k0, k1), p4, self.zero, out=p4)
+        return p.mul_(1.0 / (1.0 - self.dropout))
+
+
+def _slice_heads(t: Tensor, bs: slice, hs: slice) -> Tensor:
+    """Slice the batch and head dims of a broadcastable 4-D mask, leaving size-1 dims."""
+    return t[bs if t.shape[0] > 1 else slice(None), hs if t.shape[1] > 1 else slice(None)]
+
+
+
+def base2_lse(lse: Tensor) -> Tensor:
+    """Base-2 lse for recomputing weights: rows that see no key get +inf, so that
+    ``exp2(-inf - lse2) = 0`` there instead of NaN."""
+    return (lse * LOG2E).masked_fill(lse == float("-inf"), float("inf"))
+

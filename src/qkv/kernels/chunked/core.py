@@ -1,0 +1,290 @@
+"""The online-softmax core of the chunked backend: forward, weights, backward, merge.
+
+Per query the forward keeps only ``row_max`` (the largest score seen so far), ``row_sum``
+(the sum of ``exp(score - row_max)``) and ``acc`` (the sum of ``exp(score - row_max) *
+value``), rescaling both by ``exp(old_max - new_max)`` when a new key block raises the
+maximum; after the last block ``out = acc / row_sum`` and ``lse = row_max + log(row_sum)``.
+The backward recomputes each block's weights from ``q``, ``k`` and ``lse``. These are also
+the building blocks of ring attention (:mod:`qkv.distributed.ring`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...masks import Mask
+from ...validate import check_qkv
+from .blocks import LN2, LOG2E, Blocks, base2_lse
+from .planning import plan_blocks
+from .threads import run_shares
+
+__all__ = ["chunked_backward", "chunked_forward", "chunked_weights", "merge_partials"]
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor | None, mask: Mask) -> None:
+    check_qkv(q, k, v, dims=4)
+    if (mask.lq, mask.lk) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match the mask "
+                         f"(Lq={mask.lq}, Lk={mask.lk}); build it as Mask(Lq, Lk, ...)")
+
+
+# ---- forward -------------------------------------------------------------------------------------
+@torch.no_grad()
+def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *,
+                    dropout: float = 0.0, seed: int | None = None, block_q: int | None = None,
+                    block_k: int | None = None,
+                    offsets: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor]:
+    """Attention of q over the keys given, by blocks: ``(out, lse)``.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``.
+        mask: the :class:`~qkv.masks.Mask` of these queries and keys (``Mask(Lq, Lk)`` for
+            none); ``allowed`` False / ``bias`` ``-inf`` / outside the band = hidden.
+        scale: multiplies ``q @ k^T``.
+        dropout: probability of dropping each weight (survivors scaled by ``1/(1-p)``);
+            needs ``seed``. offsets: global positions of ``q[..., 0, :]`` and
+            ``k[..., 0, :]``, used only to place the dropout pattern (so shards of one
+            sequence draw the same mask as the whole would).
+        block_q, block_k: block sizes (default: :func:`plan_blocks`).
+
+    Returns:
+        ``out (B, Hq, Lq, Dv)`` in the compute dtype (float32; float64 for float64 inputs)
+        and ``lse (B, Hq, Lq)``, the natural log of each row's sum of ``exp(scores)`` over
+        its visible keys (``-inf`` where it sees none, and then ``out`` is 0).
+
+    Keys hidden from every query should hold finite values (``qkv.attention`` zeroes
+    them): as in the reference, their values meet a weight of exactly 0.
+    """
+    _check_qkv(q, k, v, mask)
+    plan = plan_blocks(q, k, mask=mask, block_q=block_q, block_k=block_k)
+    bl = Blocks(q, k, v, mask, scale, plan, dropout=dropout, seed=seed, offsets=offsets)
+    dv = v.shape[-1]
+    out = torch.empty(bl.b, bl.hkv, bl.g, bl.lq, dv, dtype=bl.ct, device=q.device)
+    lse = torch.empty(bl.b, bl.hkv, bl.g, bl.lq, dtype=bl.ct, device=q.device)
+
+    def work(_: int, share: list) -> None:
+        for grp, q0, q1 in share:
+            b0, b1, h0, h1 = grp
+            o, l2 = _forward_rows(bl, grp, q0, q1)  # (n, G*bq, Dv), (n, G*bq, 1)
+            rows = (b1 - b0, h1 - h0, bl.g, q1 - q0)
+            out[b0:b1, h0:h1, :, q0:q1] = o.view(*rows, dv)
+            lse[b0:b1, h0:h1, :, q0:q1] = l2.view(rows) * LN2
+
+    run_shares(bl.shares(fixed=False), work)
+    return out.view(bl.b, bl.hq, bl.lq, dv), lse.view(bl.b, bl.hq, bl.lq)
+
+
+def _forward_rows(bl: Blocks, grp, q0: int, q1: int) -> tuple[Tensor, Tensor]:
+    """The online softmax over every key block for queries q0:q1 of one head group.
+
+    Returns the normalised output ``(n, G*bq, Dv)`` and the base-2 log-sum-exp
+    ``(n, G*bq, 1)``.
+    """
+    qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D)
+    n, rows = qb.shape[0], qb.shape[1]
+    dv = bl.v2.shape[-1]
+    row_max = torch.full((n, rows, 1), float("-inf"), dtype=bl.ct, device=bl.device)
+    row_sum = torch.zeros((n, rows, 1), dtype=bl.ct, device=bl.device)
+    acc = torch.zeros((n, rows, dv), dtype=bl.ct, device=bl.device)  # (n, G*bq, Dv)
+    first = True
+    for k0, k1, state in bl.states(q0, q1):
+        s = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk) base 2, -inf = hidden
+        new_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))  # (n, G*bq, 1)
+        # Rows that have seen no visible key yet keep max -inf: shift them by 0 instead.
+        shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
+        p = s.sub_(shift).exp2_()  # (n, G*bq, bk) unnormalised weights, 0 where hidden
+        if first:
+            torch.sum(p, dim=-1, keepdim=True, out=row_sum)
+        else:
+            rescale = (row_max - shift).exp2_()  # (n, G*bq, 1); exp2(-inf) = 0
+            row_sum.mul_(rescale).add_(p.sum(dim=-1, keepdim=True))
+            acc.mul_(rescale)
+        if bl.dropout > 0:  # the sum above normalises; the values get the dropped weights
+            bl.drop_(p, grp, q0, q1, k0, k1)
+        vb = bl.kv_rows(bl.v2, grp, k0, k1)  # (n, bk, Dv)
+        if first:
+            torch.bmm(p, vb, out=acc)
+        else:
+            acc.baddbmm_(p, vb)
+        row_max = new_max
+        first = False
+    seen = row_sum > 0  # (n, G*bq, 1); False: the row saw no key
+    out = torch.where(seen, acc / torch.where(seen, row_sum, 1.0), 0.0)  # (n, G*bq, Dv)
+    lse2 = torch.where(seen, row_max + torch.log2(row_sum), float("-inf"))  # (n, G*bq, 1)
+    return out, lse2
+
+
+# ---- weights -------------------------------------------------------------------------------------
+@torch.no_grad()
+def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float, lse: Tensor, *,
+                    out: Tensor, dropout: float = 0.0, seed: int | None = None,
+                    block_q: int | None = None, block_k: int | None = None,
+                    offsets: tuple[int, int] = (0, 0)) -> Tensor:
+    """Write the exact attention weights ``exp(scores - lse)`` into ``out (B, Hq, Lq, Lk)``.
+
+    ``lse (B, Hq, Lq)`` comes from :func:`chunked_forward` on the same inputs. Blocks are
+    computed one at a time straight into ``out`` (a contiguous tensor of any float dtype):
+    hidden entries are 0, and with ``dropout`` the weights are the ones applied to the
+    values (dropped = 0, kept scaled by ``1/(1-p)``). Returns ``out``.
+    """
+    _check_qkv(q, k, None, mask)
+    plan = plan_blocks(q, k, mask=mask, block_q=block_q, block_k=block_k)
+    bl = Blocks(q, k, None, mask, scale, plan, dropout=dropout, seed=seed, offsets=offsets)
+    lse5 = base2_lse(lse).view(bl.b, bl.hkv, bl.g, bl.lq, 1)
+    out.zero_()  # blocks the band hides stay 0
+    out5 = out.view(bl.b, bl.hkv, bl.g, bl.lq, bl.lk)
+
+    def work(_: int, share: list) -> None:
+        for grp, q0, q1 in share:
+            b0, b1, h0, h1 = grp
+            qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D)
+            lb = bl.q_rows(lse5, grp, q0, q1)  # (n, G*bq, 1)
+            for k0, k1, state in bl.states(q0, q1):
+                p = bl.scores(qb, grp, q0, q1, k0, k1, state).sub_(lb).exp2_()  # (n, G*bq, bk)
+                if bl.dropout > 0:
+                    bl.drop_(p, grp, q0, q1, k0, k1)
+                dst = out5[b0:b1, h0:h1, :, q0:q1, k0:k1]  # (b, Hkv', G, bq, bk)
+                dst.copy_(p.view(dst.shape))
+
+    run_shares(bl.shares(fixed=False), work)
+    return out
+
+
+# ---- backward ------------------------------------------------------------------------------------
+@torch.no_grad()
+def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor,
+                     mask: Mask, scale: float, *, dropout: float = 0.0, seed: int | None = None,
+                     block_q: int | None = None, block_k: int | None = None,
+                     offsets: tuple[int, int] = (0, 0), dweights: Tensor | None = None,
+                     dbias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of attention with respect to q, k and v, block by block (FlashAttention-2).
+
+    Args:
+        q, k, v, mask, scale, dropout, seed, offsets: as in :func:`chunked_forward`.
+        dout: ``(B, Hq, Lq, Dv)``, the gradient of the output (any strides).
+        lse: ``(B, Hq, Lq)``, the log-sum-exp of each row over *all* its keys (for ring
+            attention, the merged lse, not the shard's).
+        delta: ``(B, Hq, Lq)``, ``(dout * out).sum(-1)`` with the *full* output ``out``
+            (plus ``(dweights * weights).sum(-1)`` when ``dweights`` is given).
+        dweights: optional ``(B, Hq, Lq, Lk)`` gradient of the returned weights.
+        dbias: optional tensor shaped like ``mask.bias`` (compute dtype) into which the
+            gradient of the additive mask is *added*.
+
+    Returns:
+        ``dq (B, Hq, Lq, D)``, ``dk (B, Hkv, Lk, D)``, ``dv (B, Hkv, Lk, Dv)`` in the compute
+        dtype. With each block's weights ``P = exp(scores - lse)`` recomputed (``Pd`` with
+        dropout applied): ``dv = Pd^T dout``, ``dP = dout v^T`` (dropout applied),
+        ``dS = P * (dP - delta)``, ``dq = scale dS k``, ``dk = scale dS^T q``.
+    """
+    _check_qkv(q, k, v, mask)
+    plan = plan_blocks(q, k, mask=mask, block_q=block_q, block_k=block_k)
+    bl = Blocks(q, k, v, mask, scale, plan, dropout=dropout, seed=seed, offsets=offsets)
+    b, hkv, g, lq, lk = bl.b, bl.hkv, bl.g, bl.lq, bl.lk
+    d, dv_ = q.shape[-1], v.shape[-1]
+    rows = {
+        "do": dout.to(bl.ct).reshape(b, hkv, g, lq, dv_),  # (B, Hkv, G, Lq, Dv)
+        "lse": base2_lse(lse).reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
+        "delta": delta.to(bl.ct).reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
+    }
+    dw5 = None if dweights is None else dweights.reshape(b, hkv, g, lq, lk)
+    dq = torch.zeros(b, hkv, g, lq, d, dtype=bl.ct, device=q.device)  # (B, Hkv, G, Lq, D)
+    shares = bl.shares(fixed=True)
+    # dk, dv (and dbias) gather contributions from every query block: one private
+    # accumulator per share, summed in a fixed order afterwards.
+    dks = [torch.zeros(b * hkv, lk, d, dtype=bl.ct, device=q.device) for _ in shares]
+    dvs = [torch.zeros(b * hkv, lk, dv_, dtype=bl.ct, device=q.device) for _ in shares]
+    dbs = [dbias] + [torch.zeros_like(dbias) for _ in shares[1:]] if dbias is not None else None
+
+    def work(i: int, share: list) -> None:
+        for grp, q0, q1 in share:
+            dqb = _backward_rows(bl, grp, q0, q1, rows, dw5, dks[i], dvs[i],
+                                 None if dbs is None else dbs[i])
+            if dqb is not None:
+                b0, b1, h0, h1 = grp
+                dq[b0:b1, h0:h1, :, q0:q1] = dqb.view(b1 - b0, h1 - h0, g, q1 - q0, d)
+
+    run_shares(shares, work)
+    dk = dks[0] if dks else torch.zeros(b * hkv, lk, d, dtype=bl.ct, device=q.device)
+    dv = dvs[0] if dvs else torch.zeros(b * hkv, lk, dv_, dtype=bl.ct, device=q.device)
+    for i in range(1, len(shares)):
+        dk.add_(dks[i])
+        dv.add_(dvs[i])
+        if dbs is not None:
+            dbias.add_(dbs[i])
+    dq.mul_(scale)
+    dk.mul_(1.0 / LOG2E)  # q2 carried scale * log2(e); dk = scale * dS^T q
+    return dq.view(b, bl.hq, lq, d), dk.view(b, hkv, lk, d), dv.view(b, hkv, lk, dv_)
+
+
+def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor],
+                   dw5: Tensor | None, dk: Tensor, dv: Tensor,
+                   dbias: Tensor | None) -> Tensor | None:
+    """Gradients from queries q0:q1 of one head group: adds into ``dk``, ``dv`` (and
+    ``dbias``), returns this block's unscaled ``dq (n, G*bq, D)`` (None: it sees no key)."""
+    b0, b1, h0, h1 = grp
+    qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D), q * scale * log2(e)
+    dob = bl.q_rows(rows["do"], grp, q0, q1)  # (n, G*bq, Dv)
+    lb = bl.q_rows(rows["lse"], grp, q0, q1)  # (n, G*bq, 1)
+    db = bl.q_rows(rows["delta"], grp, q0, q1)  # (n, G*bq, 1)
+    dqb = None
+    for k0, k1, state in bl.states(q0, q1):
+        kb = bl.kv_rows(bl.k2, grp, k0, k1)  # (n, bk, D)
+        vb = bl.kv_rows(bl.v2, grp, k0, k1)  # (n, bk, Dv)
+        p = bl.scores(qb, grp, q0, q1, k0, k1, state).sub_(lb).exp2_()  # (n, G*bq, bk)
+        dp = bl.buffer("dp", *p.shape)  # (n, G*bq, bk)
+        torch.bmm(dob, vb.transpose(1, 2), out=dp)  # gradient of the applied weights
+        if dw5 is not None:
+            dwb = dw5[b0:b1, h0:h1, :, q0:q1, k0:k1]  # (b, Hkv', G, bq, bk)
+            dp.view(dwb.shape).add_(dwb)
+        if bl.dropout > 0:
+            pd = bl.buffer("pd", *p.shape)
+            bl.drop_(pd.copy_(p), grp, q0, q1, k0, k1)  # the weights applied to the values
+            bl.drop_(dp, grp, q0, q1, k0, k1)  # back through the same dropout
+        else:
+            pd = p
+        bl.kv_rows(dv, grp, k0, k1).baddbmm_(pd.transpose(1, 2), dob)
+        ds = dp.sub_(db).mul_(p)  # (n, G*bq, bk) gradient of the (masked) scaled scores
+        if dbias is not None:
+            _add_bias_grad(dbias, bl.heads_view(ds, grp, q1 - q0), grp, bl.g, q0, q1, k0, k1)
+        if dqb is None:
+            dqb = torch.bmm(ds, kb)  # (n, G*bq, D)
+        else:
+            dqb.baddbmm_(ds, kb)
+        bl.kv_rows(dk, grp, k0, k1).baddbmm_(ds.transpose(1, 2), qb)
+    return dqb
+
+
+def _add_bias_grad(dbias: Tensor, ds4: Tensor, grp, g: int, q0, q1, k0, k1) -> None:
+    """Add the block's ``dS (b, Hq', bq, bk)`` into the broadcast ``dbias`` it came from."""
+    b0, b1, h0, h1 = grp
+    idx = (slice(b0, b1), slice(h0 * g, h1 * g), slice(q0, q1), slice(k0, k1))
+    dims = [i for i in range(4) if dbias.shape[i] == 1 and ds4.shape[i] != 1]
+    src = ds4.sum(dim=dims, keepdim=True) if dims else ds4
+    dst = dbias[tuple(slice(None) if dbias.shape[i] == 1 else idx[i] for i in range(4))]
+    dst.add_(src)
+
+
+# ---- merging partial attentions (ring attention) -------------------------------------------------
+def merge_partials(out1: Tensor, lse1: Tensor, out2: Tensor,
+                   lse2: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine attention over two disjoint key sets into attention over their union.
+
+    ``out1/out2 (B, Hq, Lq, Dv)`` and ``lse1/lse2 (B, Hq, Lq)`` come from
+    :func:`chunked_forward` on each key set. The union's weights are each part's weights
+    times ``exp(lse_part - lse)`` with ``lse = log(exp(lse1) + exp(lse2))``, so
+    ``out = exp(lse1 - lse) out1 + exp(lse2 - lse) out2``, exactly. A part whose row saw no
+    key (``lse = -inf``) contributes nothing (its ``out`` is never read); a row that saw no
+    key in either part gets ``out = 0``, ``lse = -inf``.
+    """
+    m = torch.maximum(lse1, lse2)  # (B, Hq, Lq)
+    m = m.masked_fill(m == float("-inf"), 0.0)
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)  # (B, Hq, Lq), 0 for an empty part
+    total = w1 + w2
+    lse = m + torch.log(total)  # -inf when both parts are empty
+    safe = torch.where(total > 0, total, 1.0)
+    a1 = (w1 / safe).unsqueeze(-1)  # (B, Hq, Lq, 1)
+    a2 = (w2 / safe).unsqueeze(-1)
+    out = (torch.where(a1 > 0, a1 * out1, 0.0) + torch.where(a2 > 0, a2 * out2, 0.0))
+    return out, lse
+
