@@ -248,7 +248,7 @@ def run_checks(args) -> list[dict]:
     import torch
 
     import qkv
-    from qkv.backends.triton import autotune
+    from qkv.kernels.triton import autotune
 
     from helpers import lowp_baseline, max_err
 
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
         return 2
     import triton
 
-    from qkv.backends.triton import autotune
+    from qkv.kernels.triton import autotune
 
     t0 = time.perf_counter()
     deadline = t0 + args.budget

@@ -10,14 +10,18 @@ is what rounding to that dtype alone costs, so the bound is derived, not guessed
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from qkv import reference_numpy
-from qkv.backends.reference import masked_softmax
-from qkv.functional import _prepare
+import qkv
+from qkv import causal_mask, reference_numpy, window_mask
+
+#: Backends that run on CPU tensors here (the Triton kernels have their own test file,
+#: run under the interpreter).
+CPU_BACKENDS = [name for name in qkv.backends() if name != "triton"]
 
 
 def rand_qkv(b, hq, hkv, lq, lk, d, dv=None, *, dtype=torch.float64, seed=0, batch=None,
@@ -49,18 +53,25 @@ def oracle(q, k, v, *, mask=None, causal=False, window=None, scale=None):
 
 def lowp_baseline(q, k, v, *, mask=None, causal=False, window=None, scale=None):
     """Attention computed naively in the input dtype (see the module docstring)."""
-    call, batch_shape = _prepare(q, k, v, mask=mask, causal=causal, window=window,
-                                 scale=scale, dropout=0.0, return_weights=False,
-                                 generator=None)
-    kk = call.k.repeat_interleave(call.groups, dim=1)  # (B, Hq, Lk, D)
-    vv = call.v.repeat_interleave(call.groups, dim=1)  # (B, Hq, Lk, Dv)
-    scores = (call.q @ kk.transpose(-1, -2)).float() * call.scale  # (B, Hq, Lq, Lk)
-    allowed, bias = call.mask.dense(q.device)
-    if bias is not None:
-        scores = scores + bias.float()
-    w = masked_softmax(scores, allowed).to(q.dtype)  # (B, Hq, Lq, Lk)
-    out = w @ vv  # (B, Hq, Lq, Dv)
-    return out.reshape(*batch_shape, *out.shape[1:])
+    groups = q.shape[-3] // k.shape[-3]
+    lq, lk = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    kk = k.repeat_interleave(groups, dim=-3)  # (..., Hq, Lk, D)
+    vv = v.repeat_interleave(groups, dim=-3)  # (..., Hq, Lk, Dv)
+    scores = (q @ kk.transpose(-1, -2)).float() * scale  # (..., Hq, Lq, Lk)
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)  # (Lq, Lk)
+    if causal:
+        allowed &= causal_mask(lq, lk, device=q.device)
+    if window is not None:
+        allowed = allowed & window_mask(lq, lk, window, device=q.device)
+    if mask is not None and mask.dtype == torch.bool:
+        allowed = allowed & mask  # broadcasts to (..., Hq, Lq, Lk)
+    elif mask is not None:
+        scores = scores + mask.float()
+    # Selected away, never multiplied: a fully hidden row gives weights 0, not NaN.
+    scores = torch.where(allowed, scores, float("-inf"))
+    w = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(q.dtype)  # (..., Hq, Lq, Lk)
+    return w @ vv  # (..., Hq, Lq, Dv)
 
 
 def max_err(a, b) -> float:

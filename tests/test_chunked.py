@@ -1,4 +1,4 @@
-"""The chunked backend: online-softmax attention in O(L) memory (qkv.backends.chunked).
+"""The chunked backend: online-softmax attention in O(L) memory (qkv.kernels.chunked).
 
 Equality with the float64 oracle for many block sizes and every mask kind, the
 low-precision rule, gradcheck, returned weights, fully masked rows, NaN in masked
@@ -6,16 +6,20 @@ positions, reproducible dropout, the ring-attention building blocks, ``auto``'s 
 and a check that a long sequence never materialises an (L x L) tensor.
 """
 
+import functools
 import logging
 import math
+import re
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qkv
-from qkv.backends import auto_order, chunked
-from qkv.backends.chunked import (
+from qkv import kernels
+from qkv.functional import prepare_call
+from qkv.kernels import auto_order, chunked
+from qkv.kernels.chunked import (
     block_sizes,
     chunked_attention,
     chunked_backward,
@@ -23,7 +27,6 @@ from qkv.backends.chunked import (
     dropout_keep,
     merge_partials,
 )
-from qkv.functional import _prepare
 from qkv.masks import Mask
 
 from helpers import assert_lowp_rule, lowp_baseline, max_err, oracle, rand_qkv
@@ -51,10 +54,7 @@ def chunked_vs_oracle(q, k, v, block, *, want=None, **kw):
 
 def call_of(q, k, v, **kw):
     """The canonical Call of qkv.attention for these inputs (mask folded into a Mask)."""
-    opts = {"mask": None, "causal": False, "window": None, "scale": None, "dropout": 0.0,
-            "return_weights": False, "generator": None}
-    opts.update(kw)
-    return _prepare(q, k, v, **opts)[0]
+    return prepare_call(q, k, v, **kw)[0]
 
 
 # ---- equality with the oracle -------------------------------------------------------------------
@@ -472,12 +472,34 @@ def test_backward_over_key_shards_adds_up():
 
 
 # ---- backend="auto" -----------------------------------------------------------------------------
+def test_settings_named_in_messages_exist_and_work(monkeypatch):
+    """The budget that auto's reason tells users to set resolves from ``qkv`` by attribute
+    access and changes auto's choice when set; chunked's settings set on the package reach
+    the modules that read them."""
+    q, k, v = rand_qkv(1, 2, 2, 64, 64, 8, dtype=torch.float32)
+    call = call_of(q, k, v, window=4)
+    assert kernels.memory_reason(call) is None
+    monkeypatch.setattr(kernels, "REFERENCE_MEMORY_BUDGET", 1000)
+    why = kernels.memory_reason(call)
+    path = re.search(r"(qkv\.[\w.]+) = ", why).group(1)
+    assert path == "qkv.kernels.REFERENCE_MEMORY_BUDGET"
+    assert functools.reduce(getattr, path.split(".")[1:], qkv) == 1000
+    monkeypatch.setattr(qkv.kernels, "REFERENCE_MEMORY_BUDGET", 1 << 30)
+    assert kernels.memory_reason(call) is None
+    assert auto_order(call)[0][0] == "torch"
+
+    monkeypatch.setattr(qkv.kernels.chunked, "WORKERS", 3)
+    assert chunked.threads.workers(torch.device("cpu")) == 3
+    monkeypatch.setattr(qkv.kernels.chunked, "BLOCK_K", {"cpu": 5, "cuda": 5})
+    assert chunked.plan_blocks(q, k).block_k == 5
+
+
 def test_auto_picks_chunked_over_the_memory_budget(monkeypatch, caplog):
     q, k, v = rand_qkv(1, 2, 2, 64, 64, 8, dtype=torch.float32)
     call = call_of(q, k, v)
-    assert chunked.reference_memory(call) == 1 * 2 * 64 * 64 * 4 * 4
+    assert kernels.reference_memory(call) == 1 * 2 * 64 * 64 * 4 * 4
     assert [n for n, _ in auto_order(call)][:2] == ["torch", "reference"]
-    monkeypatch.setattr(chunked, "REFERENCE_MEMORY_BUDGET", 1000)
+    monkeypatch.setattr(kernels, "REFERENCE_MEMORY_BUDGET", 1000)
     # torch SDPA runs plain attention in linear memory: it stays first, chunked before reference
     assert [n for n, _ in auto_order(call)] == ["torch", "chunked", "reference"]
     # a window needs a dense mask for SDPA: chunked goes first

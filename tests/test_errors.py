@@ -4,6 +4,9 @@ import pytest
 import torch
 
 import qkv
+from qkv.distributed import ring_attention
+from qkv.kernels.chunked import chunked_forward
+from qkv.masks import Mask
 
 from helpers import rand_qkv
 
@@ -58,9 +61,11 @@ def test_torch_backend_refuses_generator():
         qkv.attention(q, k, v, dropout=0.1, generator=torch.Generator(), backend="torch")
 
 
-def test_explain_refuses_other_backends():
-    with pytest.raises(ValueError, match="reference"):
-        qkv.explain(*qkv_(), backend="torch")
+def test_explain_takes_only_what_it_uses():
+    # explain always computes the steps with the reference: no backend= or return_weights=
+    for kw in ({"backend": "torch"}, {"return_weights": True}):
+        with pytest.raises(TypeError, match=next(iter(kw))):
+            qkv.explain(*qkv_(), **kw)
 
 
 def test_errors_suggest_a_fix():
@@ -68,3 +73,23 @@ def test_errors_suggest_a_fix():
     with pytest.raises(TypeError) as e:
         qkv.attention(q, k.double(), v)
     assert "Fix" in str(e.value)
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda q, k, v: (q[:, :3], k, v), ValueError, "k has 2 heads but q has 3"),
+    (lambda q, k, v: (q, k.double(), v), TypeError, "share one dtype"),
+    (lambda q, k, v: (q, k[..., :7], v), ValueError, "head dim 7 but q has 8"),
+    (lambda q, k, v: (q, k, v[:, :1]), ValueError, "each key needs exactly one value"),
+])
+def test_every_entry_point_refuses_alike(make, exc, match):
+    """attention, ring_attention and the chunked building blocks share one validator, so
+    the same bad q/k/v gets the same message from each."""
+    q, k, v = make(*rand_qkv(2, 4, 2, 5, 5, 8, 6, dtype=torch.float32))
+    calls = [lambda: qkv.attention(q, k, v), lambda: ring_attention(q, k, v),
+             lambda: chunked_forward(q, k, v, Mask(5, 5), 1.0)]
+    messages = []
+    for call in calls:
+        with pytest.raises(exc, match=match) as e:
+            call()
+        messages.append(str(e.value))
+    assert len(set(messages)) == 1, messages

@@ -6,8 +6,7 @@ from hypothesis import strategies as st
 
 import qkv
 
-from conftest import CPU_BACKENDS
-from helpers import rand_qkv
+from helpers import CPU_BACKENDS, rand_qkv
 
 TOL = 1e-10
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)

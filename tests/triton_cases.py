@@ -19,14 +19,14 @@ if os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 import qkv
-from qkv.backends.base import Call
-from qkv.backends.triton import (
+from qkv.functional import prepare_call as _prepare
+from qkv.kernels.base import Call
+from qkv.kernels.triton import (
     TritonBackend,
     autotune,
     interpreting,
 )
-from qkv.backends.triton.ops import triton_attention
-from qkv.functional import _prepare
+from qkv.kernels.triton.ops import triton_attention
 
 from helpers import assert_lowp_rule, lowp_baseline, oracle, rand_qkv
 
