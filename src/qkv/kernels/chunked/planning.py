@@ -100,5 +100,3 @@ def plan_blocks(q: Tensor, k: Tensor, *, mask: Mask | None = None, block_q: int 
         while bq > _MIN_BLOCK_Q and groups * -(-lq // bq) < 2 * workers(q.device):
             bq //= 2
     return Plan(bq, bk, heads)
-
-
