@@ -80,6 +80,8 @@ def test_show_attention_and_files(run_dir, capsys, tmp_path):
     (["train", "reverse", "--out", "{run}"], "already holds a checkpoint"),
     (["train", "reverse", "--out", "{run}", "--resume", "--d-model", "64"],
      "--d-model 64 (checkpoint: 32)"),
+    (["train", "reverse", "--out", "{run}", "--resume", "--heads", "4", "--rotary"],
+     "--heads 4 (checkpoint: 2), --rotary (checkpoint: sinusoidal)"),
     (["train", "copy", "--out", "{run}", "--resume"], "it trains task 'reverse'"),
     (["train", "reverse", "--out", "{tmp}/new", "--steps", "0"], "steps must be an int >= 1"),
 ])

@@ -24,11 +24,9 @@ _DEFAULTS = {
     "dropout": 0.0, "positions": "sinusoidal", "warmup": 100, "eval_every": 250,
     "eval_size": 1000, "checkpoint_every": 250,
 }
-# The options that shape the model (TrainConfig.model, a TransformerConfig), and the flag
-# of each option whose name differs from its field's.
+# The options that shape the model (TrainConfig.model, a TransformerConfig).
 _MODEL = ("d_model", "num_heads", "encoder_layers", "decoder_layers", "ff_dim", "dropout",
           "positions")
-_FLAG_OF = {"num_heads": "--heads", "positions": "--rotary/--sinusoidal"}
 
 
 def _config(task: str, options: dict):
@@ -44,6 +42,13 @@ def _config(task: str, options: dict):
 def _saved(cfg, name: str):
     """The value of option ``name`` in a TrainConfig."""
     return getattr(cfg.model if name in _MODEL else cfg, name)
+
+
+def _as_flag(name: str, value) -> str:
+    """Option ``name`` set to ``value`` as it is written on the command line."""
+    if name == "positions":
+        return f"--{value}"  # --rotary / --sinusoidal
+    return f"{'--heads' if name == 'num_heads' else '--' + name.replace('_', '-')} {value}"
 
 
 def _opt(help_text: str, *names: str):
@@ -119,8 +124,8 @@ def train_command(
         if saved.task != task:
             raise ValueError(f"cannot resume {run_dir}: it trains task {saved.task!r}, not "
                              f"{task!r}")
-        diff = [f"{_FLAG_OF.get(k, '--' + k.replace('_', '-'))} {v} (checkpoint: "
-                f"{_saved(saved, k)})" for k, v in given.items() if _saved(saved, k) != v]
+        diff = [f"{_as_flag(k, v)} (checkpoint: {_saved(saved, k)})"
+                for k, v in given.items() if _saved(saved, k) != v]
         if diff:
             raise ValueError(f"cannot resume {run_dir} with a different config: "
                              + ", ".join(diff) + "; drop these options to resume")
