@@ -60,7 +60,7 @@ _FLAT_MODEL_FIELDS = ("d_model", "num_heads", "encoder_layers", "decoder_layers"
 
 
 def _default_model() -> TransformerConfig:
-    """TransformerConfig's shape without dropout (the small tasks train best without it);
+    """TransformerConfig's shape without dropout (training's default, and ``qkv train``'s);
     the vocabulary size comes from the task."""
     return TransformerConfig(vocab_size=None, dropout=0.0)
 
