@@ -10,6 +10,9 @@ Reproducibility: the batch of step ``s`` is drawn from ``(seed, s)`` alone
 and NumPy generators (dropout draws from torch's). A run resumed from its checkpoint
 therefore computes exactly what the uninterrupted run computes, step for step, on the same
 device and thread count.
+
+Loading a finished run and decoding with it is :mod:`qkv.decode`; the command line's
+process launching (``qkv train`` on several processes) is :mod:`qkv.cli.launch`.
 """
 
 from __future__ import annotations
