@@ -33,13 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qkv.decode import load_run
+from qkv.models.seq2seq import TransformerConfig
 from qkv.tasks import get_task
-from qkv.train import TrainConfig, evaluate, load_run, train
+from qkv.train import TrainConfig, evaluate, train
 
 # The configuration tuned for a 2-core CPU (see the README section "Training a Transformer").
 TUNED = {"steps": 3000, "batch_size": 64, "lr": 2e-3, "warmup": 100, "d_model": 64,
          "num_heads": 4, "encoder_layers": 2, "decoder_layers": 2, "ff_dim": 256,
          "dropout": 0.0, "eval_every": 250, "eval_size": 1000, "checkpoint_every": 250}
+MODEL = ("d_model", "num_heads", "encoder_layers", "decoder_layers", "ff_dim", "dropout")
 
 
 def parse() -> argparse.Namespace:
@@ -58,8 +61,9 @@ def parse() -> argparse.Namespace:
 
 
 def train_dates(args) -> dict:
-    cfg = TrainConfig(task="dates", seed=args.seed,
-                      **{k: getattr(args, k) for k in TUNED})
+    model = TransformerConfig(vocab_size=None, **{k: getattr(args, k) for k in MODEL})
+    cfg = TrainConfig(task="dates", seed=args.seed, model=model,
+                      **{k: getattr(args, k) for k in TUNED if k not in MODEL})
     out = args.out or Path(tempfile.mkdtemp(prefix="qkv-dates-")) / "run"
     print(f"training dates in {out}: {cfg.to_dict()}", flush=True)
     result = train(cfg, out, progress=False, log=lambda s: print(s, flush=True))

@@ -175,7 +175,7 @@ def test_attend_refuses_empty_and_truncates_long_text():
     with pytest.raises(ValueError, match="empty"):
         model().attend("   ")
     long_text = "word " * 600
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ValueError, match=r"positions.*drop strict=True to truncate"):
         model().attend(long_text, strict=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

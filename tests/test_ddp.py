@@ -34,14 +34,17 @@ import qkv.train as qtrain
 from multiproc import run_ranks
 from qkv import checkpoint as ckpt
 from qkv.cli import main
+from qkv.cli.launch import resume_note
 from qkv.distributed import ddp
+from qkv.models.seq2seq import TransformerConfig
 from qkv.train import TrainConfig, train
 
-TINY = {"d_model": 32, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff_dim": 64}
+TINY = TransformerConfig(vocab_size=None, d_model=32, num_heads=2, encoder_layers=1,
+                         decoder_layers=1, ff_dim=64, dropout=0.0)
 # An odd global batch: 2 processes get 3 + 4 examples, 3 processes 2 + 2 + 3.
 CFG = {"task": "reverse", "task_options": {"min_len": 3, "max_len": 7}, "steps": 4,
        "batch_size": 7, "lr": 3e-3, "warmup": 1, "eval_every": 4, "eval_size": 6,
-       "checkpoint_every": 2, "dropout": 0.0, **TINY}
+       "checkpoint_every": 2, "model": TINY}
 TOL = 4 * CFG["lr"] * 1e-14 / 1e-9  # the bound derived in the module docstring
 
 
@@ -186,11 +189,16 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 
 def test_resume_note():
     state = {"data": {"world_size": 2}, "config": {"batch_size": 64, "dropout": 0.1}}
-    note = ddp.resume_note(state, 4)
+    note = resume_note(state, 4)
     assert "2 process(es)" in note and "on 4" in note and "64 examples" in note
     assert "dropout" in note
-    assert ddp.resume_note(state, 2) is None
-    assert ddp.resume_note({"data": {}, "config": {}}, 1) is None  # a single-process run
+    assert resume_note(state, 2) is None
+    assert resume_note({"data": {}, "config": {}}, 1) is None  # a single-process run
+    # the config form of today: the model's fields in "model"
+    state = {"data": {"world_size": 2}, "config": {"batch_size": 64, "model": {"dropout": 0.1}}}
+    assert "dropout" in resume_note(state, 4)
+    state["config"]["model"]["dropout"] = 0.0
+    assert "dropout" not in resume_note(state, 4)
 
 
 def test_batch_parts_cover_the_batch():

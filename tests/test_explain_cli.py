@@ -135,13 +135,14 @@ def test_long_text_truncates_with_warning_or_refuses_with_strict(capsys):
     code, _, err = run(capsys, long_text, "--layer", "0", "--head", "0")
     assert code == 0 and "qkv: warning:" in err and "keeping the first 512" in err
     code, _, err = run(capsys, long_text, "--strict")
-    assert code == 2 and "positions" in err
+    assert code == 2 and "positions" in err and "drop --strict to truncate" in err
 
 
 @pytest.mark.parametrize("args, msg", [
     (["", ], "TEXT is empty"),
     (["   "], "TEXT is empty"),
     ([SENTENCE, "--word", "zebra"], "its words are: The animal didn't cross"),
+    ([SENTENCE, "--word", "!?"], "--word '!?' has no letters or digits"),
     ([SENTENCE, "--layer", "6"], "--layer 6 is out of range"),
     ([SENTENCE, "--head", "12"], "--head 12 is out of range"),
     ([SENTENCE, "--layer", "-1"], "--layer must be >= 0"),

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from qkv.attention_map import AttentionMap
+from qkv.decode import load_run
 from qkv.models.seq2seq import DecodeState, Transformer, TransformerConfig
 from qkv.positional import RotaryEmbedding, sinusoidal
 from qkv.tasks import get_task
-from qkv.train import TrainConfig, load_run, train
+from qkv.train import TrainConfig, train
 
 TINY = {"d_model": 32, "num_heads": 2, "encoder_layers": 2, "decoder_layers": 2, "ff_dim": 64}
 
@@ -248,9 +249,10 @@ def test_overfits_a_fixed_batch(name):
 def _alignment_hits(name: str, tmp_path) -> float:
     opts = {"min_len": 4, "max_len": 8}
     steps = 600 if name == "reverse" else 300  # reverse must also learn each length
+    shape = TransformerConfig(vocab_size=None, d_model=32, num_heads=2, encoder_layers=1,
+                              decoder_layers=1, ff_dim=64, dropout=0.0)
     cfg = TrainConfig(task=name, task_options=opts, steps=steps, batch_size=64, lr=5e-3,
-                      warmup=30, d_model=32, num_heads=2, encoder_layers=1, decoder_layers=1,
-                      ff_dim=64, dropout=0.0, eval_every=steps, eval_size=100,
+                      warmup=30, model=shape, eval_every=steps, eval_size=100,
                       checkpoint_every=steps)
     train(cfg, tmp_path / name, progress=False)
     run = load_run(tmp_path / name)

@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from qkv import checkpoint as ckpt
-from qkv.train import TrainConfig, evaluate, load_run, lr_at, train
+from qkv.decode import load_run
+from qkv.models.seq2seq import TransformerConfig
+from qkv.train import TrainConfig, evaluate, lr_at, train
 
 from helpers import one_thread
 
@@ -25,10 +27,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 
+def model(**kw) -> TransformerConfig:
+    return TransformerConfig(**{"vocab_size": None, **TINY, **kw})
+
+
 def config(**kw) -> TrainConfig:
+    """The test run's config; model fields (d_model, dropout, ...) go into ``model``."""
+    shape = {k: kw.pop(k) for k in list(kw) if k in TransformerConfig.__dataclass_fields__}
     base = {"task": "reverse", "task_options": {"min_len": 3, "max_len": 7}, "steps": 40,
             "batch_size": 32, "lr": 3e-3, "warmup": 5, "eval_every": 20, "eval_size": 50,
-            "checkpoint_every": 10, "dropout": 0.1, **TINY}
+            "checkpoint_every": 10, "model": model(**{"dropout": 0.1, **shape})}
     return TrainConfig(**{**base, **kw})
 
 
@@ -109,7 +117,7 @@ def test_save_load_gives_identical_outputs(short_run, tmp_path):
     bad = tmp_path / "bad"
     state = json.loads((out / "step-0000040" / "state.json").read_text())
     state.pop("format"), state.pop("step")
-    state["config"]["d_model"] = 64
+    state["config"]["model"]["d_model"] = 64
     weights = dict(saved)
     ckpt.write_checkpoint(bad, 40, weights, {}, state)
     with pytest.raises(ValueError, match=r"incompatible with its config: .*"
@@ -150,8 +158,8 @@ def _wait_for_checkpoint(proc: subprocess.Popen, out: Path, timeout: float = 120
 
 def _cli_config(steps: int) -> TrainConfig:
     return TrainConfig(task="reverse", steps=steps, batch_size=32, lr=3e-3, warmup=5,
-                       dropout=0.1, eval_every=100, eval_size=50, checkpoint_every=10,
-                       **TINY)
+                       eval_every=100, eval_size=50, checkpoint_every=10,
+                       model=model(dropout=0.1))
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -201,3 +209,70 @@ def test_evaluate_exact_match(short_run):
     decoded = [run.tokenizer.decode(r.tolist()) for r in outs]
     examples = [("abc", decoded[0]), ("xyz", decoded[1] + "!")]
     assert evaluate(run.model, run.tokenizer, examples, max_len=8) == 0.5
+
+
+# ---- the config: a TransformerConfig inside, and checkpoints of the flat form before it ----
+FLAT = ("d_model", "num_heads", "encoder_layers", "decoder_layers", "ff_dim", "dropout",
+        "positions")
+
+
+def _flat_form(d: dict) -> dict:
+    """A config as checkpoints stored it when TrainConfig copied the model's fields."""
+    model = d.pop("model")
+    return {**d, **{k: model[k] for k in FLAT}}
+
+
+def test_config_holds_a_transformer_config():
+    cfg = TrainConfig(task="reverse")
+    # the defaults of `qkv train` (and of TrainConfig before it held a TransformerConfig)
+    assert cfg.model == TransformerConfig(vocab_size=None, d_model=64, num_heads=4,
+                                          encoder_layers=2, decoder_layers=2, ff_dim=256,
+                                          dropout=0.0, positions="sinusoidal")
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["model"]["d_model"] == 64
+    assert cfg.model_config(11).vocab_size == 11
+    with pytest.raises(ValueError, match="vocab_size is 12 but the task's vocabulary has 11"):
+        config(vocab_size=12).model_config(11)
+    with pytest.raises(ValueError, match="pad/bos/eos ids must be the tasks' ids"):
+        config(pad_id=3, bos_id=4, eos_id=5)
+    with pytest.raises(TypeError, match="model must be a TransformerConfig; got dict"):
+        TrainConfig(task="reverse", model={"d_model": 32})
+    with pytest.raises(ValueError, match="needs the size of its vocabulary"):
+        from qkv.models.seq2seq import Transformer
+
+        Transformer(TransformerConfig(vocab_size=None))
+
+
+def test_config_reads_the_flat_form_of_older_checkpoints():
+    cfg = config(d_model=48, num_heads=3, positions="rotary")
+    flat = _flat_form(cfg.to_dict())
+    assert "model" not in flat and flat["d_model"] == 48
+    assert TrainConfig.from_dict(flat) == cfg
+    # a field the flat form left out took TrainConfig's default of that time (dropout 0)
+    del flat["dropout"]
+    assert TrainConfig.from_dict(flat).model.dropout == 0.0
+    with pytest.raises(ValueError, match=r"unknown keys \['d_model'\]"):
+        TrainConfig.from_dict({**cfg.to_dict(), "d_model": 48})  # both forms at once
+    with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
+        TrainConfig.from_dict({**flat, "colour": 1})
+
+
+def test_checkpoint_with_the_flat_config_loads_and_resumes(short_run, tmp_path):
+    out, _ = short_run
+    old = tmp_path / "old"
+    ck = ckpt.read_checkpoint(out)
+    state = {k: v for k, v in ck.state.items() if k not in ("format", "step")}
+    state["config"] = _flat_form(dict(state["config"]))
+    ckpt.write_checkpoint(old, ck.step, ck.model, ck.optimizer, state)
+    assert "model" not in json.loads((old / f"step-{ck.step:07d}" / "state.json")
+                                     .read_text())["config"]
+    a, b = load_run(out), load_run(old)
+    assert a.config == b.config and a.step == b.step
+    src = a.tokenizer.batch(["abc", "gfedcba"])
+    assert torch.equal(a.model.greedy(src, max_len=8), b.model.greedy(src, max_len=8))
+    with one_thread():  # resuming reads the flat config; the run is finished: no step left
+        resumed = train(None, old, resume=True, progress=False)
+    assert resumed.step == 40  # the run was finished; nothing left to do, no error
+    with pytest.raises(ValueError, match=r"config differs from its checkpoint.*"
+                                         r"model\.d_model: checkpoint 32, asked 64"):
+        train(config(d_model=64), old, resume=True)

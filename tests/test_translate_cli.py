@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qkv.cli import main
-from qkv.train import load_run
+from qkv.decode import load_run
 
 from helpers import one_thread
 
@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_train_writes_a_run(run_dir):
     r = load_run(run_dir)
-    assert r.step == 60 and r.config.task == "reverse" and r.config.d_model == 32
+    assert r.step == 60 and r.config.task == "reverse" and r.config.model.d_model == 32
 
 
 def test_translate_prints_the_output(run_dir, capsys):
@@ -80,6 +80,8 @@ def test_show_attention_and_files(run_dir, capsys, tmp_path):
     (["train", "reverse", "--out", "{run}"], "already holds a checkpoint"),
     (["train", "reverse", "--out", "{run}", "--resume", "--d-model", "64"],
      "--d-model 64 (checkpoint: 32)"),
+    (["train", "reverse", "--out", "{run}", "--resume", "--heads", "4", "--rotary"],
+     "--heads 4 (checkpoint: 2), --rotary (checkpoint: sinusoidal)"),
     (["train", "copy", "--out", "{run}", "--resume"], "it trains task 'reverse'"),
     (["train", "reverse", "--out", "{tmp}/new", "--steps", "0"], "steps must be an int >= 1"),
 ])
@@ -89,7 +91,7 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys, args, messa
     shutil.copytree(run_dir, incompatible)
     state_file = next(incompatible.glob("step-0000060")) / "state.json"
     state = json.loads(state_file.read_text())
-    state["config"]["ff_dim"] = 128  # the saved weights have 64
+    state["config"]["model"]["ff_dim"] = 128  # the saved weights have 64
     state_file.write_text(json.dumps(state))
     paths = {"empty": tmp_path / "empty", "missing": tmp_path / "missing", "run": run_dir,
              "tmp": tmp_path, "incompatible": incompatible}

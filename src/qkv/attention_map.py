@@ -209,7 +209,7 @@ class AttentionMap:
         """
         want = _norm(word)
         if not want:
-            raise ValueError(f"--word {word!r} has no letters or digits to look for")
+            raise ValueError(f"word={word!r} has no letters or digits to look for")
         for i, t in enumerate(self.tokens):
             if _norm(t) == want and not self.query_special[i]:
                 return i

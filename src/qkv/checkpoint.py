@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["POINTER", "Checkpoint", "atomic_write", "find_checkpoint", "has_checkpoint",
-           "optimizer_from_parts", "optimizer_to_parts", "read_checkpoint", "rng_state",
-           "set_rng_state", "write_checkpoint"]
+           "load_weights", "optimizer_from_parts", "optimizer_to_parts", "read_checkpoint",
+           "rng_state", "set_rng_state", "write_checkpoint"]
 
 POINTER = "checkpoint.json"
 FORMAT = "qkv.seq2seq-run/1"
@@ -125,11 +125,11 @@ def find_checkpoint(run: Path) -> Path:
     """The directory of the latest checkpoint of ``run``; ValueError when there is none."""
     run = Path(run)
     if not run.is_dir():
-        raise ValueError(f"run directory {str(run)!r} does not exist; train one with "
-                         f"'qkv train TASK --out {run}'")
+        raise ValueError(f"run directory {str(run)!r} does not exist; train a run with "
+                         f"out={str(run)!r} first")
     if not (run / POINTER).is_file():
-        raise ValueError(f"{str(run)!r} has no checkpoint (no {POINTER}); train one with "
-                         f"'qkv train TASK --out {run}'")
+        raise ValueError(f"{str(run)!r} has no checkpoint (no {POINTER}); train a run with "
+                         f"out={str(run)!r} first")
     d = _pointer(run)
     if d is None or d.get("format") != FORMAT or not isinstance(d.get("dir"), str) \
             or "/" in d["dir"] or not isinstance(d.get("step"), int):
@@ -231,3 +231,19 @@ def _to_lists(x):
 
 def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, Tensor], path: Path) -> None:
+    """Load a checkpoint's ``weights`` into ``model``; ValueError naming the missing,
+    unexpected and misshapen tensors when they do not fit (``path`` names the checkpoint)."""
+    want = model.state_dict()
+    missing = sorted(set(want) - set(weights))
+    extra = sorted(set(weights) - set(want))
+    bad = [f"{k}: checkpoint {tuple(weights[k].shape)}, config {tuple(want[k].shape)}"
+           for k in sorted(set(want) & set(weights)) if weights[k].shape != want[k].shape]
+    if missing or extra or bad:
+        parts = ([f"missing {missing[:3]}"] if missing else []) + \
+            ([f"unexpected {extra[:3]}"] if extra else []) + bad[:3]
+        raise ValueError(f"checkpoint {path} is incompatible with its config: "
+                         + "; ".join(parts))
+    model.load_state_dict(weights)

@@ -10,6 +10,9 @@ Reproducibility: the batch of step ``s`` is drawn from ``(seed, s)`` alone
 and NumPy generators (dropout draws from torch's). A run resumed from its checkpoint
 therefore computes exactly what the uninterrupted run computes, step for step, on the same
 device and thread count.
+
+Loading a finished run and decoding with it is :mod:`qkv.decode`; the command line's
+process launching (``qkv train`` on several processes) is :mod:`qkv.cli.launch`.
 """
 
 from __future__ import annotations
@@ -20,17 +23,17 @@ import random
 import signal
 import threading
 import time
-import unicodedata
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention_map import AttentionMap
 from .checkpoint import (
     has_checkpoint,
+    load_weights,
     optimizer_from_parts,
     optimizer_to_parts,
     read_checkpoint,
@@ -38,29 +41,43 @@ from .checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from .distributed.ddp import DataParallel, target_tokens
+from .distributed.ddp import DataParallel
 from .models.seq2seq import Transformer, TransformerConfig
-from .tasks import PAD, CharTokenizer, Task, get_task
+from .tasks import BOS, EOS, PAD, CharTokenizer, Task, get_task
 
 __all__ = [
     "TrainConfig",
     "TrainResult",
-    "Translation",
+    "build_model",
     "evaluate",
-    "load_run",
+    "lr_at",
+    "resolve_device",
+    "target_tokens",
     "train",
-    "translate",
 ]
+
+# The model fields a TrainConfig held itself before it held a TransformerConfig; a
+# checkpoint written then stores them flat in its config (TrainConfig.from_dict reads both).
+_FLAT_MODEL_FIELDS = ("d_model", "num_heads", "encoder_layers", "decoder_layers", "ff_dim",
+                      "dropout", "positions")
+
+
+def _default_model() -> TransformerConfig:
+    """TransformerConfig's shape without dropout (training's default, and ``qkv train``'s);
+    the vocabulary size comes from the task."""
+    return TransformerConfig(vocab_size=None, dropout=0.0)
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved in every checkpoint).
 
-    Model shape: ``d_model``, ``num_heads``, ``encoder_layers``, ``decoder_layers``,
-    ``ff_dim``, ``dropout``, ``positions`` ("sinusoidal" or "rotary"). Optimisation:
-    AdamW with peak ``lr``, linear warm-up over ``warmup`` steps, cosine decay to
-    ``lr * min_lr_ratio`` at ``steps``, gradient norm clipped to ``clip``.
+    ``model``: the Transformer's shape, a :class:`~qkv.models.seq2seq.TransformerConfig`
+    whose ``vocab_size`` is left None (the task's tokenizer sets it); the default is
+    TransformerConfig's shape (d_model 64, 4 heads, 2 + 2 layers, ff_dim 256, sinusoidal
+    positions) with dropout 0. Optimisation: AdamW with peak ``lr``, linear warm-up over
+    ``warmup`` steps, cosine decay to ``lr * min_lr_ratio`` at ``steps``, gradient norm
+    clipped to ``clip``.
     """
 
     task: str
@@ -75,13 +92,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     device: str = "cpu"
-    d_model: int = 64
-    num_heads: int = 4
-    encoder_layers: int = 2
-    decoder_layers: int = 2
-    ff_dim: int = 256
-    dropout: float = 0.0
-    positions: str = "sinusoidal"
+    model: TransformerConfig = field(default_factory=_default_model)
     eval_every: int = 250
     eval_size: int = 1000
     checkpoint_every: int = 250
@@ -105,25 +116,53 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ValueError(f"{name} must be in [0, 1]; got {v!r}")
-        self.model_config(vocab_size=8)  # validates the model shape early
+        if not isinstance(self.model, TransformerConfig):
+            raise TypeError(f"model must be a TransformerConfig; got "
+                            f"{type(self.model).__name__}")
+        ids = (self.model.pad_id, self.model.bos_id, self.model.eos_id)
+        if ids != (PAD, BOS, EOS):
+            raise ValueError(f"model pad/bos/eos ids must be the tasks' ids {(PAD, BOS, EOS)}; "
+                             f"got {ids}; leave them at their defaults")
 
     def model_config(self, vocab_size: int) -> TransformerConfig:
-        return TransformerConfig(
-            vocab_size=vocab_size, d_model=self.d_model, num_heads=self.num_heads,
-            encoder_layers=self.encoder_layers, decoder_layers=self.decoder_layers,
-            ff_dim=self.ff_dim, dropout=self.dropout, positions=self.positions,
-        )
+        """:attr:`model` with the vocabulary size of the task's tokenizer."""
+        if self.model.vocab_size not in (None, vocab_size):
+            raise ValueError(f"model vocab_size is {self.model.vocab_size} but the task's "
+                             f"vocabulary has {vocab_size} tokens; leave vocab_size=None")
+        return replace(self.model, vocab_size=vocab_size)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self)  # the model as a nested dict
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
+        """Read :meth:`to_dict`'s form, or the flat form of older checkpoints (the model's
+        fields beside the others, missing fields at their defaults of that time)."""
         known = {f.name for f in fields(cls)}
+        if isinstance(d, dict) and "model" not in d:
+            known |= set(_FLAT_MODEL_FIELDS)  # the flat form
         if not isinstance(d, dict) or not set(d) <= known or "task" not in d:
             extra = sorted(set(d) - known) if isinstance(d, dict) else d
             raise ValueError(f"not a training config of this qkv version (unknown keys {extra})")
-        return cls(**d)
+        flat = {k: d[k] for k in _FLAT_MODEL_FIELDS if k in d}
+        if "model" in d:
+            model = TransformerConfig.from_dict(d["model"])
+        else:
+            model = replace(_default_model(), **flat)
+        return cls(**{k: v for k, v in d.items() if k not in flat and k != "model"},
+                   model=model)
+
+    def differences(self, other: TrainConfig) -> list[tuple[str, object, object]]:
+        """``(name, mine, other's)`` for every field that differs; a model field is named
+        ``model.name``."""
+        mine, theirs = _flat(self), _flat(other)
+        return [(k, v, theirs[k]) for k, v in mine.items() if theirs[k] != v]
+
+
+def _flat(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
+    model = d.pop("model")
+    return {**d, **{f"model.{k}": v for k, v in model.items()}}
 
 
 @dataclass
@@ -157,7 +196,7 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available; use "
-                         "--device cpu")
+                         "device='cpu'")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {name!r} is not supported; use cpu, cuda or auto")
     return dev
@@ -167,6 +206,17 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
+
+
+def target_tokens(tokenizer, batch: Sequence) -> int:
+    """Target tokens (characters + EOS) of a batch of (source, target) examples: the
+    denominator of the mean token loss."""
+    return sum(len(tokenizer.encode(t)) + 1 for _, t in batch)
+
+
+def build_model(cfg: TrainConfig, tok: CharTokenizer, device: torch.device) -> Transformer:
+    """The (untrained) model of a run: ``cfg.model`` sized to ``tok``'s vocabulary."""
+    return Transformer(cfg.model_config(tok.vocab_size)).to(device)
 
 
 def _tensors(tok: CharTokenizer, batch, device) -> tuple[torch.Tensor, ...]:
@@ -197,54 +247,6 @@ def evaluate(model: Transformer, tok: CharTokenizer, examples, *, max_len: int,
                                                                              strict=True))
     model.train(was_training)
     return right / len(examples)
-
-
-@dataclass
-class Run:
-    """A model ready to use, with what is needed to feed it."""
-
-    model: Transformer
-    tokenizer: CharTokenizer
-    config: TrainConfig
-    step: int
-    state: dict
-
-
-def _build(cfg: TrainConfig, tok: CharTokenizer, device: torch.device) -> Transformer:
-    return Transformer(cfg.model_config(tok.vocab_size)).to(device)
-
-
-def load_run(run: Path | str, *, device: str = "cpu") -> Run:
-    """Load the latest checkpoint of a run directory for decoding (eval mode).
-
-    Raises ValueError when the directory has no checkpoint, or when the checkpoint's
-    weights do not fit its own config (an incompatible or damaged checkpoint).
-    """
-    ck = read_checkpoint(Path(run))
-    try:
-        cfg = TrainConfig.from_dict(ck.state["config"])
-        tok = CharTokenizer.from_dict(ck.state["tokenizer"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {ck.path} is incompatible: its state.json lacks {e}") \
-            from None
-    model = _build(cfg, tok, resolve_device(device))
-    _load_weights(model, ck.model, ck.path)
-    model.eval()
-    return Run(model=model, tokenizer=tok, config=cfg, step=ck.step, state=ck.state)
-
-
-def _load_weights(model: Transformer, weights: dict, path: Path) -> None:
-    want = model.state_dict()
-    missing = sorted(set(want) - set(weights))
-    extra = sorted(set(weights) - set(want))
-    bad = [f"{k}: checkpoint {tuple(weights[k].shape)}, config {tuple(want[k].shape)}"
-           for k in sorted(set(want) & set(weights)) if weights[k].shape != want[k].shape]
-    if missing or extra or bad:
-        parts = ([f"missing {missing[:3]}"] if missing else []) + \
-            ([f"unexpected {extra[:3]}"] if extra else []) + bad[:3]
-        raise ValueError(f"checkpoint {path} is incompatible with its config: "
-                         + "; ".join(parts))
-    model.load_state_dict(weights)
 
 
 class _Interrupt:
@@ -283,8 +285,7 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
         ck = read_checkpoint(out)
         saved = TrainConfig.from_dict(ck.state["config"])
         if cfg is not None and cfg != saved:
-            diff = [f"{k}: checkpoint {v!r}, asked {getattr(cfg, k)!r}"
-                    for k, v in saved.to_dict().items() if getattr(cfg, k) != v]
+            diff = [f"{k}: checkpoint {v!r}, asked {a!r}" for k, v, a in saved.differences(cfg)]
             raise ValueError(f"cannot resume {out}: the config differs from its checkpoint ("
                              + "; ".join(diff) + ")")
         cfg = saved
@@ -292,8 +293,8 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
         if cfg is None:
             raise ValueError("train needs a TrainConfig unless resume=True")
         if has_checkpoint(out):
-            raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it "
-                             "or choose another --out")
+            raise ValueError(f"{out} already holds a checkpoint; pass resume=True to continue "
+                             "it, or another out= directory")
         ck = None
 
     device = resolve_device(cfg.device)
@@ -309,7 +310,7 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
     else:
         tok = task.tokenizer()
         _seed_all(cfg.seed)
-    model = _build(cfg, tok, device)
+    model = build_model(cfg, tok, device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -318,7 +319,7 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
     history: list[dict] = []
     start = 0
     if ck is not None:
-        _load_weights(model, ck.model, ck.path)
+        load_weights(model, ck.model, ck.path)
         opt.load_state_dict(optimizer_from_parts(ck.optimizer, ck.state["optimizer"]))
         set_rng_state(ck.state["rng"])
         history = list(ck.state.get("history", []))
@@ -443,58 +444,3 @@ class _Bar:
 
     def close(self) -> None:
         self.progress.stop()
-
-
-@dataclass
-class Translation:
-    """One decoded input: the output text and the cross-attention that produced it."""
-
-    text: str
-    output: str
-    attention: AttentionMap
-
-
-def display_char(c: str) -> str:
-    """A visible label for one character (spaces and invisible marks get a name)."""
-    if c == " ":
-        return "␣"
-    if unicodedata.category(c) in ("Zs", "Zl", "Zp", "Cf", "Cc"):
-        return f"U+{ord(c):04X}"
-    return c
-
-
-def translate(run: Run, text: str, *, beam: int = 1) -> Translation:
-    """Decode ``text`` with a loaded run (greedy, or beam search with ``beam > 1``).
-
-    ValueError for an empty text or characters outside the model's vocabulary.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str; got {type(text).__name__}")
-    if not text:
-        raise ValueError("the input text is empty; give the text to translate, e.g. "
-                         "qkv translate RUN '28 novembre 2026'")
-    bad = run.tokenizer.unknown(text)
-    if bad:
-        shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in bad)
-        raise ValueError(f"the input has characters outside the vocabulary of this model: "
-                         f"{shown}; it was trained on task {run.config.task!r}")
-    model, tok = run.model, run.tokenizer
-    device = next(model.parameters()).device
-    src = tok.batch([text]).to(device)  # (1, Ls)
-    max_len = int(run.state.get("max_target_len", len(text))) + 1
-    if beam == 1:
-        out = model.greedy(src, max_len=max_len)  # (1, T)
-    else:
-        out = model.beam_search(src, beam=beam, max_len=max_len)[0]  # (1, T)
-    ids = out[0].tolist()
-    n = ids.index(model.config.eos_id) if model.config.eos_id in ids else len(ids)
-    output = tok.decode(ids[:n])
-    if n == 0:  # an immediate EOS: show the attention of that one step
-        ids, labels = ids[:1], [tok.token(ids[0])]
-    else:
-        ids, labels = ids[:n], [display_char(c) for c in output]
-    amap = model.cross_attention_map(
-        src, torch.tensor([ids], device=device), source_tokens=[display_char(c) for c in text],
-        output_tokens=labels, title=f"{text} -> {output}",
-        model=f"qkv seq2seq {run.config.task} (step {run.step})")
-    return Translation(text=text, output=output, attention=amap)

@@ -2,8 +2,9 @@
 
 Each command lives in its own module and registers itself on :data:`app`; heavy imports
 (torch, models) happen inside the commands so ``qkv --help`` stays fast. Bad input
-(ValueError, TypeError, OSError raised by qkv) becomes one line on stderr and exit code 2;
-set ``QKV_DEBUG=1`` to see the traceback instead.
+(ValueError, TypeError, OSError raised by qkv) becomes one line on stderr and exit code 2,
+the library's argument names shown as flags (:mod:`qkv.cli.flags`); set ``QKV_DEBUG=1`` to
+see the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,36 +12,12 @@ from __future__ import annotations
 import os
 import sys
 
-import typer
-
-app = typer.Typer(
-    name="qkv",
-    help="Self-attention made real: see, compute and train the Transformer's attention.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-
-@app.callback()
-def _root() -> None:
-    """Self-attention made real: see, compute and train the Transformer's attention."""
-
-
 # Importing a command module registers its command on `app`.
-from . import demo  # noqa: E402,F401,I001  (one import per command module)
-from . import explain  # noqa: E402,F401  (qkv explain)
-from . import train  # noqa: E402,F401  (qkv train, qkv translate)
+from . import demo, explain, train  # noqa: F401  (qkv demo, explain, train + translate)
+from .app import UsageError, app, fail
+from .flags import to_flags
 
-
-class UsageError(ValueError):
-    """A bad command-line input that was caught by qkv itself (exit code 2)."""
-
-
-def fail(message: str) -> None:
-    """Stop the command with a one-line error and exit code 2."""
-    raise UsageError(message)
+__all__ = ["UsageError", "app", "fail", "main"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,6 +28,6 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, TypeError, OSError) as e:
         if os.environ.get("QKV_DEBUG"):
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
+        message = " ".join(to_flags(str(e)).split()) or type(e).__name__
         print(f"qkv: error: {message}", file=sys.stderr)
         sys.exit(2)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from .app import app
 
 DEFAULT_QUERY = "0.2,0.1,0.3"
 DEFAULT_KEYS = "0.1,0.2,0.3; 0.2,0.3,0.1; 0.3,0.1,0.2"

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from .app import app
 
 DEFAULT_TEXT = "The animal didn't cross the street because it was too tired"
 OUTPUTS = (".html", ".png", ".svg", ".json", ".npz")

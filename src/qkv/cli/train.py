@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from . import app
+from .app import app
 
 # Defaults of the model/optimiser options; None in the signatures means "not given", so
 # --resume can tell an explicit option (which must match the checkpoint) from a default.
@@ -24,6 +24,31 @@ _DEFAULTS = {
     "dropout": 0.0, "positions": "sinusoidal", "warmup": 100, "eval_every": 250,
     "eval_size": 1000, "checkpoint_every": 250,
 }
+# The options that shape the model (TrainConfig.model, a TransformerConfig).
+_MODEL = ("d_model", "num_heads", "encoder_layers", "decoder_layers", "ff_dim", "dropout",
+          "positions")
+
+
+def _config(task: str, options: dict):
+    """The TrainConfig of ``options`` (field name -> value), the model's in ``model``."""
+    from ..models.seq2seq import TransformerConfig
+    from ..train import TrainConfig
+
+    model = TransformerConfig(vocab_size=None, **{k: options[k] for k in _MODEL})
+    return TrainConfig(task=task, model=model,
+                       **{k: v for k, v in options.items() if k not in _MODEL})
+
+
+def _saved(cfg, name: str):
+    """The value of option ``name`` in a TrainConfig."""
+    return getattr(cfg.model if name in _MODEL else cfg, name)
+
+
+def _as_flag(name: str, value) -> str:
+    """Option ``name`` set to ``value`` as it is written on the command line."""
+    if name == "positions":
+        return f"--{value}"  # --rotary / --sinusoidal
+    return f"{'--heads' if name == 'num_heads' else '--' + name.replace('_', '-')} {value}"
 
 
 def _opt(help_text: str, *names: str):
@@ -71,8 +96,9 @@ def train_command(
     import torch
     from rich.console import Console
 
+    from ..decode import load_run
     from ..tasks import TASKS
-    from ..train import TrainConfig, evaluate, load_run
+    from ..train import TrainConfig, evaluate
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -98,8 +124,8 @@ def train_command(
         if saved.task != task:
             raise ValueError(f"cannot resume {run_dir}: it trains task {saved.task!r}, not "
                              f"{task!r}")
-        diff = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(saved, k)})"
-                for k, v in given.items() if getattr(saved, k) != v]
+        diff = [f"{_as_flag(k, v)} (checkpoint: {_saved(saved, k)})"
+                for k, v in given.items() if _saved(saved, k) != v]
         if diff:
             raise ValueError(f"cannot resume {run_dir} with a different config: "
                              + ", ".join(diff) + "; drop these options to resume")
@@ -107,11 +133,12 @@ def train_command(
     else:
         from ..checkpoint import has_checkpoint
 
-        cfg = TrainConfig(task=task, **{**_DEFAULTS, **given})
+        cfg = _config(task, {**_DEFAULTS, **given})
         if has_checkpoint(run_dir):
             raise ValueError(f"{run_dir} already holds a checkpoint; pass --resume to continue "
                              "it or choose another --out")
-    from ..distributed.ddp import env_rank, run_training
+    from ..distributed.ddp import env_rank
+    from .launch import run_training
 
     label = "resuming" if resume else "training"
     if env_rank() == 0:  # under torchrun, rank 0 speaks for every process
@@ -158,7 +185,7 @@ def translate_command(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
 ) -> None:
     """Translate TEXT with the latest checkpoint in RUN_DIR and print the output."""
-    from ..train import load_run, translate
+    from ..decode import load_run, translate
 
     if isinstance(beam, bool) or beam < 1:
         raise ValueError(f"--beam must be >= 1; got {beam}")

@@ -5,7 +5,8 @@
   :func:`shard_sequence` / :func:`unshard_sequence` / :func:`shard_positions` /
   :func:`gather_sequence` move between a full sequence and its shards.
 * :mod:`qkv.distributed.ddp`: multi-process training of the seq2seq model with
-  ``DistributedDataParallel`` (``qkv train --nproc N`` or ``torchrun``).
+  ``DistributedDataParallel`` (processes started by :func:`~qkv.distributed.ddp.launch` or
+  by torchrun).
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Data-parallel training of the seq2seq model: DistributedDataParallel over N processes.
 
-``qkv train TASK --nproc N`` starts N local processes (:func:`launch`); ``torchrun
---nproc-per-node N -m qkv train TASK`` starts them itself (:func:`init_from_env` reads
-``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). Either way every
-process runs :func:`qkv.train.train`, which asks :meth:`DataParallel.current` whether
+:func:`launch` starts N local processes; torchrun starts them itself (:func:`init_from_env`
+reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). Either way
+every process runs :func:`qkv.train.train`, which asks :meth:`DataParallel.current` whether
 ``torch.distributed`` is initialised with more than one process and, when it is:
 
 * wraps the model in :class:`torch.nn.parallel.DistributedDataParallel` (gloo on CPU, NCCL
@@ -23,7 +22,7 @@ process runs :func:`qkv.train.train`, which asks :meth:`DataParallel.current` wh
 Resume with a different N works because nothing in a checkpoint depends on N: the model
 and optimizer states are the same on every rank, and the data order depends on
 ``(seed, step)`` only. The checkpoint records the N that wrote it; resuming with another
-N prints a note (:func:`resume_note`), and an N larger than the batch size is refused on
+N prints a note (the command line does), and an N larger than the batch size is refused on
 every rank (a rank with no example would have nothing to give DDP's backward). Dropout:
 each rank draws its own masks from a generator seeded by ``(seed, first step, rank)``, so
 with dropout > 0 a run depends on N (as any data-parallel run does); with dropout 0 it
@@ -48,7 +47,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -57,11 +55,10 @@ from torch import nn
 __all__ = [
     "DEFAULT_TIMEOUT",
     "DataParallel",
+    "backend_for",
     "env_rank",
     "init_from_env",
     "launch",
-    "resume_note",
-    "run_training",
     "under_torchrun",
 ]
 
@@ -171,25 +168,6 @@ class DataParallel:
         torch.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def target_tokens(tokenizer, batch: Sequence) -> int:
-    """Target tokens (characters + EOS) of a batch of (source, target) examples: the
-    denominator of the mean token loss."""
-    return sum(len(tokenizer.encode(t)) + 1 for _, t in batch)
-
-
-def resume_note(state: dict, world: int) -> str | None:
-    """A line for the user when a run is resumed with another number of processes."""
-    before = int(state.get("data", {}).get("world_size", 1))
-    if before == world:
-        return None
-    cfg = state.get("config", {})
-    dropout = "; its dropout masks change with it" if cfg.get("dropout", 0) > 0 else ""
-    return (f"note: this run was checkpointed by {before} process(es) and resumes on {world}; "
-            f"the global batch ({cfg.get('batch_size')} examples per step) and the data order "
-            f"are unchanged, so training continues the same optimisation (up to "
-            f"floating-point summation order){dropout}")
-
-
 # ---- starting processes ----------------------------------------------------------------------
 def init_from_env(device: str | torch.device = "cpu", *,
                   timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -198,7 +176,7 @@ def init_from_env(device: str | torch.device = "cpu", *,
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
             raise ValueError(f"the launcher's environment lacks {name}; start the processes "
-                             "with torchrun, or use qkv train --nproc N")
+                             "with torchrun, or with launch(fn, nproc)")
     if not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -252,7 +230,7 @@ def launch(fn: Callable, nproc: int, *args, device: str | torch.device = "cpu",
         raise ValueError(f"the number of processes must be an int >= 1; got {nproc!r}")
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     if dev.type == "cuda" and nproc > torch.cuda.device_count():
-        raise ValueError(f"--nproc {nproc} on {dev}: this machine has "
+        raise ValueError(f"nproc={nproc} on {dev}: this machine has "
                          f"{torch.cuda.device_count()} GPU(s), and each process needs its own")
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // nproc)
@@ -319,65 +297,3 @@ def _collect(procs, out, nproc: int, grace: float = 10.0):
         raise ChildProcessError(f"process {r} of {nproc} failed with {name}: {msg} (its "
                                 "traceback is above); the other processes were stopped")
     return reports[0][1]
-
-
-# ---- the training entry point of the CLI --------------------------------------------------------
-def _train_process(cfg, run_dir: str, resume: bool, quiet: bool):
-    """What each launched process runs: :func:`qkv.train.train`, progress on rank 0."""
-    from rich.console import Console
-
-    from ..train import train
-
-    main = dist.get_rank() == 0
-    console = Console(stderr=True)
-    return train(cfg, Path(run_dir), resume=resume, progress=main and not quiet,
-                 console=console, log=console.print if (quiet and main) else None)
-
-
-def run_training(cfg, run_dir: Path, *, resume: bool, quiet: bool, nproc: int | None,
-                 threads: int | None, console):
-    """Train in this process, on ``nproc`` launched processes, or as one rank of torchrun.
-
-    Returns the :class:`~qkv.train.TrainResult` on the process that reports (this one, the
-    launcher, or torchrun's rank 0) and None on torchrun's other ranks.
-    """
-    from ..checkpoint import read_checkpoint
-    from ..train import TrainConfig, train
-
-    state = read_checkpoint(run_dir).state if resume else None
-    run_cfg = cfg if cfg is not None else TrainConfig.from_dict(state["config"])
-    device = run_cfg.device
-    if under_torchrun():
-        if nproc is not None:
-            raise ValueError(f"--nproc {nproc} was given but torchrun already started "
-                             f"{os.environ['WORLD_SIZE']} processes; drop --nproc")
-        world = int(os.environ["WORLD_SIZE"])
-    else:
-        world = 1 if nproc is None else nproc
-        if isinstance(world, bool) or world < 1:
-            raise ValueError(f"--nproc must be >= 1; got {nproc}")
-    if run_cfg.batch_size < world:  # before starting anything (every rank would refuse)
-        raise ValueError(f"the global batch of {run_cfg.batch_size} examples cannot be split "
-                         f"over {world} processes (each needs at least one); use at most "
-                         f"{run_cfg.batch_size} processes or a larger --batch-size")
-    main = env_rank() == 0
-    if resume and main:
-        note = resume_note(state, world)
-        if note:
-            console.print(note)
-    if under_torchrun():
-        init_from_env("cuda" if device in ("cuda", "auto") and torch.cuda.is_available()
-                      else device)
-        try:
-            result = _train_process(cfg, str(run_dir), resume, quiet)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        return result if main else None
-    if world == 1:
-        return train(cfg, run_dir, resume=resume, progress=not quiet, console=console,
-                     log=console.print if quiet else None)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return launch(_train_process, world, cfg, str(run_dir), resume, quiet, device=device,
-                  threads=threads)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .bert import BertConfig, BertEncoder, BertOutput
+from .bert import BertConfig, BertEncoder, BertEncoderOutput
 from .loading import DEFAULT_MODEL, load_pretrained
 
-__all__ = ["DEFAULT_MODEL", "BertConfig", "BertEncoder", "BertOutput", "load_pretrained"]
+__all__ = ["DEFAULT_MODEL", "BertConfig", "BertEncoder", "BertEncoderOutput", "load_pretrained"]

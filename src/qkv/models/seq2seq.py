@@ -45,10 +45,12 @@ class TransformerConfig:
     """The shape of a :class:`Transformer` (saved with checkpoints as JSON).
 
     ``pad_id``/``bos_id``/``eos_id`` are the ids of the padding, begin and end tokens of
-    the vocabulary; padding is hidden from every attention as a key.
+    the vocabulary; padding is hidden from every attention as a key. ``vocab_size`` may be
+    None in a config that is not built yet (:class:`qkv.train.TrainConfig` takes it from
+    the task's tokenizer); a :class:`Transformer` needs it set.
     """
 
-    vocab_size: int
+    vocab_size: int | None
     d_model: int = 64
     num_heads: int = 4
     encoder_layers: int = 2
@@ -64,6 +66,8 @@ class TransformerConfig:
         for f in ("vocab_size", "d_model", "num_heads", "encoder_layers", "decoder_layers",
                   "ff_dim"):
             v = getattr(self, f)
+            if f == "vocab_size" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f} must be a positive int; got {v!r}")
         if self.d_model % self.num_heads:
@@ -79,7 +83,8 @@ class TransformerConfig:
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be a probability in [0, 1); got {self.dropout!r}")
         ids = (self.pad_id, self.bos_id, self.eos_id)
-        if len(set(ids)) != 3 or not all(0 <= i < self.vocab_size for i in ids):
+        below = self.vocab_size if self.vocab_size is not None else float("inf")
+        if len(set(ids)) != 3 or not all(0 <= i < below for i in ids):
             raise ValueError(f"pad/bos/eos ids must be distinct ids below vocab_size "
                              f"{self.vocab_size}; got {ids}")
 
@@ -188,6 +193,9 @@ class Transformer(nn.Module):
         super().__init__()
         if not isinstance(config, TransformerConfig):
             raise TypeError(f"config must be a TransformerConfig; got {type(config).__name__}")
+        if config.vocab_size is None:
+            raise ValueError("config.vocab_size is None; a Transformer needs the size of its "
+                             "vocabulary: dataclasses.replace(config, vocab_size=N)")
         self.config = cfg = config
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         rotary = RotaryEmbedding(cfg.d_model // cfg.num_heads) \
