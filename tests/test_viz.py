@@ -183,6 +183,20 @@ def test_find_and_check_head():
         m.head(0, 12)
 
 
+def test_find_nth_occurrence_and_literal_colons():
+    m = random_map(6, tokens=["[CLS]", "at", "10:30", "at", "x:2", "[SEP]"],
+                   special=[True, False, False, False, False, True])
+    assert (m.find("at"), m.find("at:1"), m.find("at:2")) == (1, 1, 3)
+    assert m.find("10:30") == 2 and m.find("x:2") == 4  # text as written wins
+    assert m.find("x:2:1") == 4
+    with pytest.raises(ValueError, match=r"appears 2 times .* at:1 to at:2"):
+        m.find("at:3")
+    with pytest.raises(ValueError, match="word='!!' has no letters"):
+        m.find("!!")
+    with pytest.raises(TypeError, match="must be a string"):
+        m.find(3)
+
+
 # ---- export ---------------------------------------------------------------------------------
 def test_json_and_npz_round_trip(tmp_path):
     m = sentence_map()
@@ -241,6 +255,31 @@ def test_terminal_heatmap_narrow_console_crops_columns():
     out = render(terminal.heatmap(m, 0, 0), colour=False, width=30)
     assert "showing the first 26 of 40" in " ".join(out.split())
     assert max(len(line) for line in out.splitlines()) <= 30
+
+
+def test_terminal_heatmap_explains_overflow_cells():
+    m = random_map(30)
+    m.weights[0, 0, 0] = 0
+    m.weights[0, 0, 0, 3] = 1.0  # 100: too wide for 3-character cells
+    m.weights[0, 1] = 1 / 30  # every weight 3%: fits any cell
+    wide = " ".join(render(terminal.heatmap(m, 0, 0), colour=False, width=200).split())
+    assert "@@" not in wide and "= 100%" not in wide
+    mid = " ".join(render(terminal.heatmap(m, 0, 0), colour=False, width=100).split())
+    row = next(line for line in mid.split("t0 ")[1:] if "@@" in line)
+    assert row and "@@ = 100% (the number does not fit the column" in mid
+    assert "@@ =" not in render(terminal.heatmap(m, 0, 1), colour=False, width=100)
+    narrow = " ".join(render(terminal.heatmap(m, 0, 0), colour=False, width=60).split())
+    assert "one character per cell: '.:-=+*#%@' from 0 to 100%" in narrow
+    assert "numbers are weights" not in narrow
+
+
+def test_viewer_reprs_are_short():
+    m = sentence_map()
+    assert repr(terminal.heatmap(m, 3, 1, highlight=m.find("it"))) == \
+        "Heatmap(layer 3, head 1, 15 x 15, query 'it')"
+    assert repr(terminal.top_table(m, m.find("it"))) == "TopTable(top keys of 'it', 72 heads)"
+    bundle = terminal.heatmap(m, 3, 1)._repr_mimebundle_(include=None, exclude=None)
+    assert "layer 3, head 1" in bundle["text/plain"] and "animal" in bundle["text/html"]
 
 
 def test_colour_ramp_is_monotonic_in_brightness():
