@@ -143,6 +143,32 @@ class AttentionMap:
         if self.level not in ("tokens", "words"):
             raise ValueError(f"level must be 'tokens' or 'words'; got {self.level!r}")
 
+    # ---- display --------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        nl, nh, lq, lk = self.weights.shape
+        what = "rollout" if self.kind == "rollout" else (
+            f"{nl} layer{'s' * (nl != 1)} x {nh} head{'s' * (nh != 1)}")
+
+        def text(toks: list[str]) -> str:
+            t = " ".join(toks)
+            return repr(t if len(t) <= 40 else t[:40].rsplit(" ", 1)[0] + " ...")
+
+        unit = "words" if self.level == "words" else "tokens"
+        if self.is_self:
+            size = f"{lq} {unit}: {text(self.tokens)}"
+        else:
+            size = f"{lq} x {lk} {unit}: {text(self.tokens)} -> {text(self.keys)}"
+        extra = "".join((f", model {self.model!r}" if self.model else "",
+                         ", with q/k/v" if self.has_qkv else ""))
+        return f"AttentionMap({what}, {size}{extra})"
+
+    def _repr_html_(self) -> str:
+        """The interactive viewer in a notebook (Jupyter, VS Code): head view, model view
+        and step by step, self-contained; see :func:`qkv.viz.html.fragment`."""
+        from .viz import html  # the viewer sits above this module; imported on use only
+
+        return html.fragment(self)
+
     # ---- shape ----------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:

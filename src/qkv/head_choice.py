@@ -30,7 +30,13 @@ import numpy as np
 
 from .attention_map import AttentionMap
 
-__all__ = ["HeadChoice", "choose_head", "eligible_keys"]
+__all__ = ["PRONOUNS", "HeadChoice", "choose_head", "default_query", "eligible_keys"]
+
+PRONOUNS = frozenset((  # personal, possessive and reflexive English pronouns
+    "i", "me", "my", "mine", "myself", "you", "your", "yours", "yourself", "yourselves",
+    "he", "him", "his", "himself", "she", "her", "hers", "herself", "it", "its", "itself",
+    "we", "us", "our", "ours", "ourselves", "they", "them", "their", "theirs", "themselves",
+))
 
 
 @dataclass(frozen=True)
@@ -140,3 +146,25 @@ def choose_head(amap: AttentionMap, query: int, *, layers=None, heads=None) -> H
 def _pct(w: float) -> str:
     return f"{100 * w:.0f}%" if w >= 0.095 or w == 0 else f"{100 * w:.1f}%"
 
+
+def default_query(amap: AttentionMap) -> int:
+    """The query unit worth looking at first (what ``qkv explain`` shows without
+    ``word=``): the English pronoun that puts the most weight on other, non-special units
+    (averaged over every layer and head); without a pronoun, the last unit with a letter
+    or digit."""
+    special = amap.query_special
+    key_special = amap.keys_special
+    best, best_score = None, -1.0
+    for i, tok in enumerate(amap.tokens):
+        if special[i] or tok.strip(".,;:!?\"'()").lower() not in PRONOUNS:
+            continue
+        others = [j for j in range(len(amap.keys)) if j != i and not key_special[j]]
+        score = float(amap.weights[:, :, i, others].sum(-1).mean()) if others else 0.0
+        if score > best_score:
+            best, best_score = i, score
+    if best is not None:
+        return best
+    for i in range(len(amap.tokens) - 1, -1, -1):
+        if not special[i] and any(c.isalnum() for c in amap.tokens[i]):
+            return i
+    return len(amap.tokens) - 1

@@ -20,11 +20,6 @@ from .app import app
 
 DEFAULT_TEXT = "The animal didn't cross the street because it was too tired"
 OUTPUTS = (".html", ".png", ".svg", ".json", ".npz")
-PRONOUNS = frozenset((  # personal, possessive and reflexive English pronouns
-    "i", "me", "my", "mine", "myself", "you", "your", "yours", "yourself", "yourselves",
-    "he", "him", "his", "himself", "she", "her", "hers", "herself", "it", "its", "itself",
-    "we", "us", "our", "ours", "ourselves", "they", "them", "their", "theirs", "themselves",
-))
 
 
 @app.command()
@@ -81,7 +76,7 @@ def explain(
 
     import torch
 
-    from ..head_choice import choose_head
+    from ..head_choice import choose_head, default_query
     from ..models import load_pretrained
 
     # One text is too little work to share: on a busy 2-core machine a second thread
@@ -104,7 +99,7 @@ def explain(
     if hide_special:
         view = view.drop_special()
     units = base.units(words=words, hide_special=hide_special)
-    index = view.find(word) if word is not None else default_word(view)
+    index = view.find(word) if word is not None else default_query(view)
     choice = None
     if view.kind == "rollout":
         chosen_layer = chosen_head = 0
@@ -127,28 +122,6 @@ def explain(
         return
     _print(view, index, chosen_layer, chosen_head, layer=layer, head=head, written=written,
            choice=choice)
-
-
-# ---- choices --------------------------------------------------------------------------------
-def default_word(amap) -> int:
-    """The pronoun that puts the most weight on other, non-special units (averaged over
-    every layer and head); without a pronoun, the last unit with a letter or digit."""
-    special = amap.query_special
-    key_special = amap.keys_special
-    best, best_score = None, -1.0
-    for i, tok in enumerate(amap.tokens):
-        if special[i] or tok.strip(".,;:!?\"'()").lower() not in PRONOUNS:
-            continue
-        others = [j for j in range(len(amap.keys)) if j != i and not key_special[j]]
-        score = float(amap.weights[:, :, i, others].sum(-1).mean()) if others else 0.0
-        if score > best_score:
-            best, best_score = i, score
-    if best is not None:
-        return best
-    for i in range(len(amap.tokens) - 1, -1, -1):
-        if not special[i] and any(c.isalnum() for c in amap.tokens[i]):
-            return i
-    return len(amap.tokens) - 1
 
 
 # ---- output files ---------------------------------------------------------------------------
