@@ -154,3 +154,16 @@ def test_exported_page_has_two_independent_viewers(executed):
         page.close()
         browser.close()
     assert problems == []
+
+
+def test_docs_notebook_is_stored_executed_and_small():
+    path = Path(__file__).resolve().parent.parent / "docs" / "notebook.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.outputs for c in code)
+    assert not any(o.output_type == "error" for c in code for o in c.outputs)
+    html_outputs = [o["data"]["text/html"] for c in code for o in c.outputs
+                    if o.output_type == "execute_result" and "text/html" in o["data"]]
+    assert any(h.startswith('<div class="qkv"') for h in html_outputs)  # the viewer
+    assert path.stat().st_size < 300_000

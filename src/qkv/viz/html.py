@@ -39,7 +39,7 @@ __all__ = ["NOTEBOOK_QKV_BYTES", "fragment", "render", "save"]
 
 _FORMATS = (".html", ".htm")
 # Per-head q/k/v make the step-by-step panel but weigh 3 x D/Lk times the weights; in a
-# notebook they are left out above this many bytes (float32): 1 MB is a 45-token
+# notebook they are left out above this many bytes (float32): 1 MB is a 36-token
 # sentence of a 6-layer, 12-head, D=32 model.
 NOTEBOOK_QKV_BYTES = 1_000_000
 
