@@ -192,3 +192,14 @@ def test_console_script_end_to_end():
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["word"] == "it"
     assert model().name == "all-MiniLM-L6-v2"
+
+
+def test_html_page_opens_on_the_head_shown(capsys, tmp_path):
+    from test_viz import payload
+
+    path = tmp_path / "p.html"
+    d = run_json(capsys, SENTENCE, "-o", str(path))
+    start = payload(path.read_text())["initial"]
+    assert (start["layer"], start["head"]) == (d["layer"], d["head"]) == (
+        d["choice"]["layer"], d["choice"]["head"])
+    assert start["query"] == sentence_map().find("it") and start["words"] is True

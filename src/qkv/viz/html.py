@@ -75,6 +75,8 @@ def _start(amap: AttentionMap, layer, head, query, words):
     it (what ``qkv explain`` shows), on the words view when the map has words."""
     from ..head_choice import choose_head, default_query
 
+    if not amap.tokens or not amap.keys:
+        raise ValueError("the map has no tokens (Lq or Lk is 0); there is nothing to show")
     if words is None:
         words = amap.word_spans is not None or amap.key_word_spans is not None
     if layer is not None:
