@@ -37,6 +37,7 @@ CELLS = [
     "b = net.attend('The trophy would not fit in the brown suitcase because it was too big')\n"
     "b",
     "from qkv.viz import terminal\nterminal.heatmap(a.merge_words(), 3, 1)",
+    "from qkv.viz import png\npng.figure(a.merge_words(), layer=3, head=1)",
     "import torch\ng = torch.Generator().manual_seed(0)\n"
     "q, k, v = (torch.randn(2, 3, 5, generator=g) for _ in range(3))\n"
     "qkv.explain(q, k, v, causal=True)",
@@ -94,7 +95,9 @@ def test_kernel_runs_this_checkout_and_outputs_are_small(executed):
     plain = re.sub(r"\x1b\[[0-9;]*m", "", heat["text/plain"])  # rich colours text too
     assert plain.startswith("layer 3, head 1: each row is a query")
     assert "layer 3, head 1" in heat["text/html"] and "animal" in heat["text/html"]
-    steps = data(nb.cells[4])
+    figure = data(nb.cells[4])
+    assert figure["image/png"] and figure["text/plain"].startswith("<AttentionFigure size")
+    steps = data(nb.cells[5])
     assert steps["text/plain"].startswith("AttentionSteps(2 heads, Lq=3, Lk=3, Dv=5")
     for title in ("1. scores", "2. scaled", "3. masked", "4. weights", "5. output"):
         assert title in steps["text/html"]

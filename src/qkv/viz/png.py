@@ -6,6 +6,8 @@ many small weights stay visible next to the few large ones, and one colour bar s
 
 from __future__ import annotations
 
+import functools
+import io
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +29,9 @@ def _norm():
 def figure(amap: AttentionMap, *, layer: int | None = None, head: int | None = None):
     """A matplotlib Figure: one head when both ``layer`` and ``head`` are given, else a
     grid of thumbnails (rows = layers, columns = heads), restricted to ``layer`` or
-    ``head`` when one of them is given."""
-    from matplotlib.figure import Figure
+    ``head`` when one of them is given. A map with one layer and one head (a rollout)
+    is drawn as one head. In a notebook the figure shows itself as a PNG."""
+    Figure = _figure_class()
 
     if layer is not None:
         amap.check_head(layer, 0 if head is None else head)
@@ -39,6 +42,23 @@ def figure(amap: AttentionMap, *, layer: int | None = None, head: int | None = N
     if len(layers) == 1 and len(heads) == 1:  # one head (or a rollout): with its tokens
         return _one(Figure, amap, layers[0], heads[0])
     return _grid(Figure, amap, layers, heads)
+
+
+@functools.lru_cache(maxsize=1)
+def _figure_class():
+    """matplotlib's Figure that also shows itself in a notebook (``_repr_png_``) without
+    pyplot or an inline backend."""
+    from matplotlib.figure import Figure
+
+    class AttentionFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+            buf = io.BytesIO()
+            FigureCanvasAgg(self).print_png(buf, metadata={"Software": "qkv"})
+            return buf.getvalue()
+
+    return AttentionFigure
 
 
 def save(amap: AttentionMap, path: str | Path, *, layer: int | None = None,
