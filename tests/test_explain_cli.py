@@ -67,13 +67,33 @@ def test_json_top_keys_are_the_model_weights(capsys):
     assert len(d["top"]) == 72
 
 
-def test_default_head_is_the_strongest_link(capsys):
+def test_default_head_is_the_chosen_link_and_says_why(capsys):
+    from qkv.head_choice import choose_head
+
     d = run_json(capsys, SENTENCE)
-    w = np.asarray(d["map"]["weights"])[:, :, d["index"]]  # (layers, H, Lk)
-    special = np.array(d["map"]["special"])
-    w[..., special] = 0
-    w[..., d["index"]] = 0
-    assert w[d["layer"], d["head"]].max() == w.max()
+    view = sentence_map().merge_words()
+    c = choose_head(view, d["index"])
+    assert (d["layer"], d["head"]) == (c.layer, c.head) and d["reason"] == c.reason
+    assert d["choice"]["key"] == view.tokens.index("animal")
+    assert d["reason"].startswith(f"layer {c.layer}, head {c.head}: 'it' -> 'animal' ")
+    # --layer alone: the best head of that layer; both given: no choice to explain
+    d = run_json(capsys, SENTENCE, "--layer", "2")
+    assert d["layer"] == 2 and d["head"] == choose_head(view, d["index"], layers=[2]).head
+    d = run_json(capsys, SENTENCE, "--layer", "1", "--head", "8")
+    assert d["reason"] is None and d["choice"] is None
+    code, out, _ = run(capsys, SENTENCE)
+    assert code == 0 and f"head shown: {c.reason}" in " ".join(out.split())
+
+
+def test_word_picks_an_occurrence(capsys):
+    text = "The cat sat on the mat and the dog sat on the rug"
+    for word, index in (("the", 1), ("the:1", 1), ("the:2", 5), ("The:4", 12), ("sat:2", 10)):
+        assert run_json(capsys, text, "--word", word)["index"] == index, word
+    code, out, err = run(capsys, text, "--word", "the:5")
+    assert code == 2 and out == ""
+    assert "appears 4 times" in err and "the:1 to the:4" in err and "dog sat" in err
+    code, _, err = run(capsys, text, "--word", "the:0")
+    assert code == 2 and "count from 1" in err
 
 
 def test_word_tokens_hide_special_rollout_pair(capsys):
@@ -172,3 +192,14 @@ def test_console_script_end_to_end():
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["word"] == "it"
     assert model().name == "all-MiniLM-L6-v2"
+
+
+def test_html_page_opens_on_the_head_shown(capsys, tmp_path):
+    from test_viz import payload
+
+    path = tmp_path / "p.html"
+    d = run_json(capsys, SENTENCE, "-o", str(path))
+    start = payload(path.read_text())["initial"]
+    assert (start["layer"], start["head"]) == (d["layer"], d["head"]) == (
+        d["choice"]["layer"], d["choice"]["head"])
+    assert start["query"] == sentence_map().find("it") and start["words"] is True

@@ -44,3 +44,23 @@ def test_low_precision_steps_are_float32_and_output_keeps_dtype():
     s = qkv.explain(q, k, v)
     assert s.scores.dtype == torch.float32 and s.weights.dtype == torch.float32
     assert s.output.dtype == torch.bfloat16
+
+
+def test_steps_repr_and_tables():
+    """A short repr, and in a notebook the five steps as tables of the real numbers; big
+    calls show the first rows/columns/heads and say so."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, n, 4, generator=g) for n in (20, 15, 15))
+    v = v[..., :3]
+    s = qkv.explain(q, k, v, causal=True)
+    assert repr(s) == ("AttentionSteps(batch (1, 2), 3 heads, Lq=20, Lk=15, Dv=3, "
+                       "scale=0.5, float32)")
+    page = s._repr_html_()
+    for title in ("1. scores", "2. scaled", "3. masked", "4. weights", "5. output"):
+        assert page.count(title) == 2  # heads 0 and 1
+    assert "batch element (0, 0) shown of (1, 2)" in page
+    assert "heads 0..1 shown of 3" in page and "cut at 12 rows x 12 columns" in page
+    assert "8 more queries" in page and "3 more</th>" in page
+    assert f"{float(s.weights[0, 0, 1, 0, 0]):.3f}" in page
+    assert "−∞" in page  # causal: hidden keys of the first queries
+    assert "<script" not in page and " id=" not in page

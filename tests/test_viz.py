@@ -183,6 +183,20 @@ def test_find_and_check_head():
         m.head(0, 12)
 
 
+def test_find_nth_occurrence_and_literal_colons():
+    m = random_map(6, tokens=["[CLS]", "at", "10:30", "at", "x:2", "[SEP]"],
+                   special=[True, False, False, False, False, True])
+    assert (m.find("at"), m.find("at:1"), m.find("at:2")) == (1, 1, 3)
+    assert m.find("10:30") == 2 and m.find("x:2") == 4  # text as written wins
+    assert m.find("x:2:1") == 4
+    with pytest.raises(ValueError, match=r"appears 2 times .* at:1 to at:2"):
+        m.find("at:3")
+    with pytest.raises(ValueError, match="word='!!' has no letters"):
+        m.find("!!")
+    with pytest.raises(TypeError, match="must be a string"):
+        m.find(3)
+
+
 # ---- export ---------------------------------------------------------------------------------
 def test_json_and_npz_round_trip(tmp_path):
     m = sentence_map()
@@ -243,6 +257,31 @@ def test_terminal_heatmap_narrow_console_crops_columns():
     assert max(len(line) for line in out.splitlines()) <= 30
 
 
+def test_terminal_heatmap_explains_overflow_cells():
+    m = random_map(30)
+    m.weights[0, 0, 0] = 0
+    m.weights[0, 0, 0, 3] = 1.0  # 100: too wide for 3-character cells
+    m.weights[0, 1] = 1 / 30  # every weight 3%: fits any cell
+    wide = " ".join(render(terminal.heatmap(m, 0, 0), colour=False, width=200).split())
+    assert "@@" not in wide and "= 100%" not in wide
+    mid = " ".join(render(terminal.heatmap(m, 0, 0), colour=False, width=100).split())
+    row = next(line for line in mid.split("t0 ")[1:] if "@@" in line)
+    assert row and "@@ = 100% (the number does not fit the column" in mid
+    assert "@@ =" not in render(terminal.heatmap(m, 0, 1), colour=False, width=100)
+    narrow = " ".join(render(terminal.heatmap(m, 0, 0), colour=False, width=60).split())
+    assert "one character per cell: '.:-=+*#%@' from 0 to 100%" in narrow
+    assert "numbers are weights" not in narrow
+
+
+def test_viewer_reprs_are_short():
+    m = sentence_map()
+    assert repr(terminal.heatmap(m, 3, 1, highlight=m.find("it"))) == \
+        "Heatmap(layer 3, head 1, 15 x 15, query 'it')"
+    assert repr(terminal.top_table(m, m.find("it"))) == "TopTable(top keys of 'it', 72 heads)"
+    bundle = terminal.heatmap(m, 3, 1)._repr_mimebundle_(include=None, exclude=None)
+    assert "layer 3, head 1" in bundle["text/plain"] and "animal" in bundle["text/html"]
+
+
 def test_colour_ramp_is_monotonic_in_brightness():
     lum = [sum(terminal.colour(w)) for w in np.linspace(0, 1, 11)]
     assert lum == sorted(lum) and terminal.colour(0) != terminal.colour(1)
@@ -291,10 +330,57 @@ def test_html_is_self_contained(tmp_path):
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?https?:""", page)
     assert "<script src" not in page and "<link" not in page
-    payload = page.split('<script type="application/json" id="qkv-data">')[1]
-    data = json.loads(payload.split("</script>")[0])
+    data = payload(page)
     assert data["tokens"] == m.tokens and data["initial"]["layer"] == 1
-    assert data["weights"] and data["q_dim"] == 32
+    assert data["weights"] and data["q_dim"] == 32 and data["note"] == ""
+
+
+def payload(text: str) -> dict:
+    part = text.split('<script type="application/json" class="qkv-data">')[1]
+    return json.loads(part.split("</script>")[0])
+
+
+def test_html_opens_on_the_chosen_head_and_word():
+    from qkv.head_choice import choose_head
+
+    m = sentence_map()
+    view = m.merge_words()
+    c = choose_head(view, view.find("it"))
+    d = payload(html.render(m))["initial"]
+    assert (d["layer"], d["head"], d["words"]) == (c.layer, c.head, True)
+    assert d["query"] == m.find("it")
+    d = payload(html.render(m, layer=2))["initial"]  # the best head of layer 2
+    assert (d["layer"], d["head"]) == (2, choose_head(view, view.find("it"), layers=[2]).head)
+
+
+def test_notebook_fragment_is_scoped_and_small():
+    m = sentence_map()
+    a, b = m._repr_html_(), html.fragment(m)
+    ids = [re.findall(r'\bid="([^"]+)"', x) for x in (a, b)]
+    assert len(ids[0]) == len(ids[1]) == 1 and ids[0] != ids[1]  # one root id each
+    assert f'document.getElementById("{ids[0][0]}")' in a
+    assert "<html" not in a and "<body" not in a and a.startswith('<div class="qkv"')
+    css = a.split("<style>")[1].split("</style>")[0]
+    rules = re.sub(r"/\*.*?\*/", "", css, flags=re.S)
+    selectors = [sel.strip() for block in re.findall(r"([^{}]+)\{", rules)
+                 for sel in block.split(",")]
+    assert selectors and all(sel.startswith(".qkv") or sel.startswith("@media")
+                             for sel in selectors), selectors
+    assert payload(a)["q"] is not None  # 15 tokens: q/k/v fit the notebook budget
+    small = html.fragment(m, max_qkv_bytes=1000)
+    d = payload(small)
+    assert d["q"] is None and d["k"] is None and "Step by step left out" in d["note"]
+    assert len(small) < len(a) / 4
+
+
+def test_short_reprs():
+    m = sentence_map()
+    assert repr(m) == ("AttentionMap(6 layers x 12 heads, 15 tokens: \"[CLS] the animal "
+                       "didn ' t cross the ...\", model 'all-MiniLM-L6-v2', with q/k/v)")
+    assert repr(m.merge_words().rollout()).startswith("AttentionMap(rollout, 13 words: ")
+    x = random_map(3, 4, tokens=["a", "b", "c"], key_tokens=["w", "x", "y", "z"])
+    assert repr(x) == "AttentionMap(2 layers x 3 heads, 3 x 4 tokens: 'a b c' -> 'w x y z')"
+    assert len(repr(m)) < 200
 
 
 def test_html_escapes_script_end_in_data(tmp_path):

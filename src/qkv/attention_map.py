@@ -143,6 +143,32 @@ class AttentionMap:
         if self.level not in ("tokens", "words"):
             raise ValueError(f"level must be 'tokens' or 'words'; got {self.level!r}")
 
+    # ---- display --------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        nl, nh, lq, lk = self.weights.shape
+        what = "rollout" if self.kind == "rollout" else (
+            f"{nl} layer{'s' * (nl != 1)} x {nh} head{'s' * (nh != 1)}")
+
+        def text(toks: list[str]) -> str:
+            t = " ".join(toks)
+            return repr(t if len(t) <= 40 else t[:40].rsplit(" ", 1)[0] + " ...")
+
+        unit = "words" if self.level == "words" else "tokens"
+        if self.is_self:
+            size = f"{lq} {unit}: {text(self.tokens)}"
+        else:
+            size = f"{lq} x {lk} {unit}: {text(self.tokens)} -> {text(self.keys)}"
+        extra = "".join((f", model {self.model!r}" if self.model else "",
+                         ", with q/k/v" if self.has_qkv else ""))
+        return f"AttentionMap({what}, {size}{extra})"
+
+    def _repr_html_(self) -> str:
+        """The interactive viewer in a notebook (Jupyter, VS Code): head view, model view
+        and step by step, self-contained; see :func:`qkv.viz.html.fragment`."""
+        from .viz import html  # the viewer sits above this module; imported on use only
+
+        return html.fragment(self)
+
     # ---- shape ----------------------------------------------------------------------------
     @property
     def num_layers(self) -> int:
@@ -204,23 +230,48 @@ class AttentionMap:
     def find(self, word: str) -> int:
         """The query unit of ``word``: a unit whose text equals it (case-insensitive,
         ignoring punctuation around it), or the first token of the matching word.
+        ``"the:2"`` picks the second match (``":N"`` counts from 1; a text that itself
+        contains ``":N"``, such as ``"10:30"``, is matched as written first).
 
-        Raises ValueError listing the words of the map when there is none.
+        Raises ValueError listing the words of the map when there is none, or when the
+        text has fewer than N matches.
         """
-        want = _norm(word)
-        if not want:
+        if not isinstance(word, str):
+            raise TypeError(f"word= must be a string; got {type(word).__name__}")
+        hits = self._matches(word)
+        nth = 1
+        base, sep, count = word.rpartition(":")
+        if not hits and sep and base.strip() and count.strip().isdigit():
+            word, nth = base, int(count)
+            if nth < 1:
+                raise ValueError(f"word={base + ':' + count!r}: occurrences count from 1 "
+                                 f"({base}:1 is the first)")
+            hits = self._matches(word)
+        if not _norm(word):
             raise ValueError(f"word={word!r} has no letters or digits to look for")
-        for i, t in enumerate(self.tokens):
-            if _norm(t) == want and not self.query_special[i]:
-                return i
-        if self.words is not None:
-            for w, (a, _b) in zip(self.words, self.word_spans, strict=True):
-                if _norm(w) == want:
-                    return a
         known = self.words if self.words is not None else [
             t for t, s in zip(self.tokens, self.query_special, strict=True) if not s]
-        raise ValueError(f"the word {word!r} is not in the text; its words are: "
-                         + " ".join(known))
+        if not hits:
+            raise ValueError(f"the word {word!r} is not in the text; its words are: "
+                             + " ".join(known))
+        if nth > len(hits):
+            times = "once" if len(hits) == 1 else f"{len(hits)} times"
+            raise ValueError(f"the word {word!r} appears {times} in the text, so there is no "
+                             f"occurrence {nth}; ask for {word}:1 to {word}:{len(hits)}. "
+                             "Its words are: " + " ".join(known))
+        return hits[nth - 1]
+
+    def _matches(self, word: str) -> list[int]:
+        """Every query unit matching ``word`` in text order (see :meth:`find`)."""
+        want = _norm(word)
+        if not want:
+            return []
+        hits = [i for i, t in enumerate(self.tokens)
+                if _norm(t) == want and not self.query_special[i]]
+        if self.words is not None:
+            hits += [a for w, (a, _b) in zip(self.words, self.word_spans, strict=True)
+                     if _norm(w) == want and a not in hits]
+        return sorted(hits)
 
     def top(self, layer: int, head: int, index: int, k: int = 3) -> list[tuple[int, float]]:
         """The ``k`` keys query ``index`` attends to most in one head: (key, weight)."""

@@ -20,22 +20,18 @@ from .app import app
 
 DEFAULT_TEXT = "The animal didn't cross the street because it was too tired"
 OUTPUTS = (".html", ".png", ".svg", ".json", ".npz")
-PRONOUNS = frozenset((  # personal, possessive and reflexive English pronouns
-    "i", "me", "my", "mine", "myself", "you", "your", "yours", "yourself", "yourselves",
-    "he", "him", "his", "himself", "she", "her", "hers", "herself", "it", "its", "itself",
-    "we", "us", "our", "ours", "ourselves", "they", "them", "their", "theirs", "themselves",
-))
 
 
 @app.command()
 def explain(
     text: Annotated[str, typer.Argument(help="The sentence to explain (quote it).")],
     word: Annotated[str | None, typer.Option(
-        help="The word whose attention to show (default: the pronoun that looks hardest at "
-             "the rest of the sentence, else the last word).")] = None,
+        help="The word whose attention to show; the:2 is the second 'the' (default: the "
+             "pronoun that looks hardest at the rest of the sentence, else the last word).")]
+    = None,
     layer: Annotated[int | None, typer.Option(
-        help="Layer of the heatmap, from 0 (default: the one where the word's strongest "
-             "link to another word is).")] = None,
+        help="Layer of the heatmap, from 0 (default: the head where the word's strongest "
+             "link reaches another word, not itself, a neighbour or [CLS]/[SEP]).")] = None,
     head: Annotated[int | None, typer.Option(
         help="Head of the heatmap, from 0 (default: as for --layer).")] = None,
     output: Annotated[Path | None, typer.Option(
@@ -80,6 +76,7 @@ def explain(
 
     import torch
 
+    from ..head_choice import choose_head, default_query
     from ..models import load_pretrained
 
     # One text is too little work to share: on a busy 2-core machine a second thread
@@ -102,8 +99,16 @@ def explain(
     if hide_special:
         view = view.drop_special()
     units = base.units(words=words, hide_special=hide_special)
-    index = view.find(word) if word is not None else default_word(view)
-    chosen_layer, chosen_head = best_head(view, index, layer=layer, head=head)
+    index = view.find(word) if word is not None else default_query(view)
+    choice = None
+    if view.kind == "rollout":
+        chosen_layer = chosen_head = 0
+    elif layer is not None and head is not None:
+        chosen_layer, chosen_head = layer, head
+    else:
+        choice = choose_head(view, index, layers=None if layer is None else [layer],
+                             heads=None if head is None else [head])
+        chosen_layer, chosen_head = choice.layer, choice.head
 
     written = None
     if output is not None:
@@ -113,48 +118,10 @@ def explain(
     if as_json:
         typer.echo(json.dumps(_summary(view, index, chosen_layer, chosen_head, text=text,
                                        pair=pair, rollout=rollout, hide_special=hide_special,
-                                       output=written), ensure_ascii=False))
+                                       output=written, choice=choice), ensure_ascii=False))
         return
-    _print(view, index, chosen_layer, chosen_head, layer=layer, head=head, written=written)
-
-
-# ---- choices --------------------------------------------------------------------------------
-def default_word(amap) -> int:
-    """The pronoun that puts the most weight on other, non-special units (averaged over
-    every layer and head); without a pronoun, the last unit with a letter or digit."""
-    special = amap.query_special
-    key_special = amap.keys_special
-    best, best_score = None, -1.0
-    for i, tok in enumerate(amap.tokens):
-        if special[i] or tok.strip(".,;:!?\"'()").lower() not in PRONOUNS:
-            continue
-        others = [j for j in range(len(amap.keys)) if j != i and not key_special[j]]
-        score = float(amap.weights[:, :, i, others].sum(-1).mean()) if others else 0.0
-        if score > best_score:
-            best, best_score = i, score
-    if best is not None:
-        return best
-    for i in range(len(amap.tokens) - 1, -1, -1):
-        if not special[i] and any(c.isalnum() for c in amap.tokens[i]):
-            return i
-    return len(amap.tokens) - 1
-
-
-def best_head(amap, index: int, *, layer: int | None, head: int | None) -> tuple[int, int]:
-    """The (layer, head) where query ``index`` gives its largest weight to another,
-    non-special key, among the layers/heads allowed by ``layer``/``head``."""
-    key_special = amap.keys_special
-    others = [j for j in range(len(amap.keys)) if not key_special[j]
-              and not (amap.is_self and j == index)]
-    layers = range(amap.num_layers) if layer is None else [layer]
-    heads = range(amap.num_heads) if head is None else [head]
-    best, best_w = (next(iter(layers)), next(iter(heads))), -1.0
-    for lay in layers:
-        for h in heads:
-            w = float(amap.weights[lay, h, index, others].max()) if others else 0.0
-            if w > best_w:
-                best, best_w = (lay, h), w
-    return best
+    _print(view, index, chosen_layer, chosen_head, layer=layer, head=head, written=written,
+           choice=choice)
 
 
 # ---- output files ---------------------------------------------------------------------------
@@ -193,7 +160,8 @@ def _write(path: Path, base, view, *, layer, head, shown, token, words, hide_spe
 
 
 # ---- printing -------------------------------------------------------------------------------
-def _summary(view, index, layer, head, *, text, pair, rollout, hide_special, output) -> dict:
+def _summary(view, index, layer, head, *, text, pair, rollout, hide_special, output,
+             choice) -> dict:
     top = []
     for lay in range(view.num_layers):
         for h in range(view.num_heads):
@@ -203,13 +171,16 @@ def _summary(view, index, layer, head, *, text, pair, rollout, hide_special, out
     return {
         "model": view.model, "text": text, "pair": pair, "word": view.tokens[index],
         "index": index, "layer": layer, "head": head, "level": view.level,
+        "reason": None if choice is None else choice.reason,
+        "choice": None if choice is None else choice.to_json(),
         "hide_special": hide_special, "rollout": rollout, "output": output, "top": top,
         "map": view.to_json(),
     }
 
 
-def _print(view, index, chosen_layer, chosen_head, *, layer, head, written) -> None:
+def _print(view, index, chosen_layer, chosen_head, *, layer, head, written, choice) -> None:
     from rich.console import Console
+    from rich.text import Text
 
     from ..viz import terminal
 
@@ -224,6 +195,8 @@ def _print(view, index, chosen_layer, chosen_head, *, layer, head, written) -> N
         heads=None if head is None else [head],
         title=f"top keys of '{view.tokens[index]}' per layer and head"))
     con.print()
+    if choice is not None:
+        con.print(Text(f"head shown: {choice.reason}"))
     con.print(terminal.heatmap(view, chosen_layer, chosen_head, highlight=index))
     if written:
         con.print(f"wrote {written}")

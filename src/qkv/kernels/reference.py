@@ -32,6 +32,19 @@ class AttentionSteps:
     output: Tensor  # (..., Hq, Lq, Dv)  weights @ v, in the input dtype
     scale: float
 
+    def __repr__(self) -> str:
+        *batch, nh, lq, lk = self.weights.shape
+        b = f"batch {tuple(batch)}, " if batch else ""
+        return (f"AttentionSteps({b}{nh} head{'s' * (nh != 1)}, Lq={lq}, Lk={lk}, "
+                f"Dv={self.output.shape[-1]}, scale={self.scale:.4g}, "
+                f"{str(self.weights.dtype).removeprefix('torch.')})")
+
+    def _repr_html_(self) -> str:
+        """The five steps as tables in a notebook (see :func:`qkv.viz.steps.to_html`)."""
+        from ..viz import steps  # the viewers sit above this module; imported on use only
+
+        return steps.to_html(self)
+
 
 def masked_softmax(x: Tensor, allowed: Tensor | None) -> Tensor:
     """Softmax over the last dim where hidden entries get exactly 0.

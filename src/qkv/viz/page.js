@@ -1,8 +1,10 @@
-// qkv attention viewer: head view, model view and the step-by-step panel, from the map
-// embedded above (#qkv-data). Plain DOM and SVG/canvas; nothing is fetched.
-"use strict";
-(function () {
-  const D = JSON.parse(document.getElementById("qkv-data").textContent);
+// qkv attention viewer: head view, model view and the step-by-step panel of the map
+// embedded in `root` (its .qkv-data script). Plain DOM and SVG/canvas; nothing is fetched.
+// Everything is looked up inside `root` (classes, no ids), so several viewers (two maps
+// in one notebook) work side by side.
+function qkvViewer(root) {
+  "use strict";
+  const D = JSON.parse(root.querySelector(".qkv-data").textContent);
   const [NL, NH, LQ, LK] = D.shape;
 
   function f32(b64) {  // little-endian float32 array from base64
@@ -96,10 +98,11 @@
     layer: Math.min(D.initial.layer, NL - 1), head: Math.min(D.initial.head, NH - 1),
     merge: !!D.initial.words && !!(D.word_spans || D.key_word_spans),
     hide: !!D.initial.hide_special,
-    pinned: D.initial.query,  // a base token index (query side)
+    pinned: D.initial.query,  // a base token index (query side): the step-by-step query
+    locked: false,            // clicked: the head view keeps showing the pinned token
     hover: null,              // {side: "q"|"k", unit}
   };
-  const $ = (id) => document.getElementById(id);
+  const $ = (name) => root.querySelector(".qkv-" + name);
   // "layer 3" for a numeric label, the label itself otherwise ("decoder 0")
   const layerName = (l) => (/^\d+$/.test(D.layer_labels[l]) ? "layer " : "") + D.layer_labels[l];
   const headName = (h) => (/^\d+$/.test(D.head_labels[h]) ? "head " : "") + D.head_labels[h];
@@ -137,13 +140,13 @@
     const m = v.head(S.layer, S.head);
     const nr = v.rows.length, nc = v.cols.length;
     const height = Math.max(nr, nc) * ROW + 30;
-    const svg = el("svg", { width: LEFT * 2 + GAP + 40, height, id: "headsvg" });
+    const svg = el("svg", { width: LEFT * 2 + GAP + 40, height, class: "qkv-headsvg" });
     svg.append(el("text", { x: LEFT - 6, y: 10, "text-anchor": "end", class: "col-label" },
                   "attending (queries)"));
     svg.append(el("text", { x: LEFT + GAP + 6, y: 10, class: "col-label" },
                   D.key_tokens ? "attended to (keys)" : "attended to (keys: the same tokens)"));
     const yq = (i) => 30 + i * ROW, yk = (j) => 30 + j * ROW;
-    const g = el("g", { id: "lines" });
+    const g = el("g", { class: "qkv-lines" });
     const lines = [];
     for (let i = 0; i < nr; i++) {
       for (let j = 0; j < nc; j++) {
@@ -167,7 +170,7 @@
       grp.append(bg, t);
       grp.addEventListener("mouseenter", () => { S.hover = { side, unit: idx }; focusChanged(); });
       grp.addEventListener("mouseleave", () => { S.hover = null; focusChanged(); });
-      if (side === "q") grp.addEventListener("click", () => { S.pinned = u.tokens[0]; render(); });
+      if (side === "q") grp.addEventListener("click", () => pin(idx));
       svg.append(grp);
       return { bg, t };
     };
@@ -179,11 +182,26 @@
       svg.append(t); return t;
     });
     $("headview").replaceChildren(svg);
-    H = { m, nc, lines, qtok, ktok, qpct, kpct };
+    H = { m, nc, lines, qtok, ktok, qpct, kpct, rows: v.rows };
     paint();
   }
+  // Click a query token: it stays in focus after the pointer leaves (and drives the step
+  // panel); click it again to let go.
+  function pin(unit) {
+    const u = H.rows[unit];
+    if (S.locked && unitOf(H.rows, S.pinned) === unit) S.locked = false;
+    else { S.pinned = u.tokens[0]; S.locked = true; }
+    const p = unitOf(H.rows, S.pinned);
+    H.qtok.forEach((tok, i) => tok.t.classList.toggle("pinned", i === p));
+    focusChanged();
+  }
+  function focus() {
+    if (S.hover) return S.hover;
+    const p = S.locked ? unitOf(H.rows, S.pinned) : -1;
+    return p >= 0 ? { side: "q", unit: p } : null;
+  }
   function paint() {
-    const f = S.hover, { m, nc } = H;
+    const f = focus(), { m, nc } = H;
     for (const { ln, i, j, w } of H.lines) {
       let op = Math.sqrt(w) * 0.55, width = 1.5;
       if (f) {
@@ -202,6 +220,7 @@
     H.qtok.forEach((tok, i) => shade(tok, H.qpct[i], f && f.side === "k" ? m[i * nc + f.unit] : null));
     H.ktok.forEach((tok, j) => shade(tok, H.kpct[j], f && f.side === "q" ? m[f.unit * nc + j] : null));
     $("headview").dataset.focus = f ? `${f.side}${f.unit}` : "";
+    $("headview").dataset.pinned = S.locked ? String(unitOf(H.rows, S.pinned)) : "";
   }
   function focusChanged() { paint(); steps(view(S.merge, S.hide)); }
   const fmtPct = (w) => (100 * w).toFixed(w >= 0.1 ? 0 : 1) + "%";
@@ -231,7 +250,12 @@
           }
         }
         ctx.putImageData(img, 0, 0);
-        c.addEventListener("click", () => { S.layer = l; S.head = h; render(); });
+        c.addEventListener("click", () => {
+          S.layer = l; S.head = h; render();
+          // the head view is above the grid: bring it into sight to show the chosen head
+          const r = $("head-section").getBoundingClientRect();
+          if (r.top < 0 || r.bottom > window.innerHeight) $("head-section").scrollIntoView({ block: "start" });
+        });
         kids.push(c);
       }
     }
@@ -279,7 +303,7 @@
     p1.append(`Query “${D.tokens[token]}” (token ${token}) in ${layerName(l)}, ${headName(h)}: ` +
       `d = ${DQ}, scale = 1/√${DQ} = ${D.scale.toFixed(5)}.${note}`);
     body.append(p1);
-    const tbl = el("table", { id: "steps-table" });
+    const tbl = el("table", { class: "qkv-steps-table" });
     const hdr = el("tr");
     ["key", "1. q·k", "2. × scale", "3. softmax", ""].forEach((t) => hdr.append(el("th", {}, t)));
     tbl.append(hdr);
@@ -300,8 +324,8 @@
     const p2 = el("p");
     p2.append(`4. output = Σ softmax_j · v_j, the ${DV} numbers this head passes on (before W_o):`);
     body.append(p2);
-    body.append(el("div", { class: "vec", id: "steps-output" }, "[" + Array.from(out, (x) => x.toFixed(3)).join(", ") + "]"));
-    const p3 = el("p", { class: "ok", id: "steps-check" },
+    body.append(el("div", { class: "vec qkv-steps-output" }, "[" + Array.from(out, (x) => x.toFixed(3)).join(", ") + "]"));
+    const p3 = el("p", { class: "ok qkv-steps-check" },
       `This softmax matches the weights the model used to within ${diff.toExponential(1)}.`);
     body.append(p3);
   }
@@ -314,6 +338,8 @@
     modelView(v);
     steps(v);
   }
+  if (D.note) { $("note").textContent = D.note; $("note").hidden = false; }
+  $("noscript").hidden = true;
   render();
-  window.qkvViewer = { state: S, view: () => view(S.merge, S.hide), render };
-})();
+  root.qkvViewer = { state: S, view: () => view(S.merge, S.hide), render };
+}

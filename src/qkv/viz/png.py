@@ -6,6 +6,8 @@ many small weights stay visible next to the few large ones, and one colour bar s
 
 from __future__ import annotations
 
+import functools
+import io
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +29,36 @@ def _norm():
 def figure(amap: AttentionMap, *, layer: int | None = None, head: int | None = None):
     """A matplotlib Figure: one head when both ``layer`` and ``head`` are given, else a
     grid of thumbnails (rows = layers, columns = heads), restricted to ``layer`` or
-    ``head`` when one of them is given."""
-    from matplotlib.figure import Figure
+    ``head`` when one of them is given. A map with one layer and one head (a rollout)
+    is drawn as one head. In a notebook the figure shows itself as a PNG."""
+    Figure = _figure_class()
 
     if layer is not None:
         amap.check_head(layer, 0 if head is None else head)
     if head is not None:
         amap.check_head(0 if layer is None else layer, head)
-    if layer is not None and head is not None:
-        return _one(Figure, amap, layer, head)
     layers = list(range(amap.num_layers)) if layer is None else [layer]
     heads = list(range(amap.num_heads)) if head is None else [head]
+    if len(layers) == 1 and len(heads) == 1:  # one head (or a rollout): with its tokens
+        return _one(Figure, amap, layers[0], heads[0])
     return _grid(Figure, amap, layers, heads)
+
+
+@functools.lru_cache(maxsize=1)
+def _figure_class():
+    """matplotlib's Figure that also shows itself in a notebook (``_repr_png_``) without
+    pyplot or an inline backend."""
+    from matplotlib.figure import Figure
+
+    class AttentionFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+            buf = io.BytesIO()
+            FigureCanvasAgg(self).print_png(buf, metadata={"Software": "qkv"})
+            return buf.getvalue()
+
+    return AttentionFigure
 
 
 def save(amap: AttentionMap, path: str | Path, *, layer: int | None = None,
@@ -55,18 +75,34 @@ def save(amap: AttentionMap, path: str | Path, *, layer: int | None = None,
     return path
 
 
+def _wrap(text: str, width_in: float, fontsize: float, *, max_lines: int = 3) -> str:
+    """``text`` wrapped to lines that fit ``width_in`` inches at ``fontsize`` points
+    (about 0.6 em per character, a little wider than DejaVu Sans' average), at most
+    ``max_lines`` lines, the last cut with "…" when the text is longer."""
+    import textwrap
+
+    chars = max(20, int(width_in * 72 / (0.6 * fontsize)))
+    lines = textwrap.wrap(text, chars, break_long_words=True, break_on_hyphens=False)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1][: chars - 1] + "…"
+    return "\n".join(lines)
+
+
 def _caption(amap: AttentionMap) -> str:
     what = "attention rollout" if amap.kind == "rollout" else "attention"
     name = f"{amap.model}: " if amap.model else ""
-    text = amap.title if len(amap.title) <= 90 else amap.title[:89] + "…"
-    return f"{name}{what} on “{text}”" if text else f"{name}{what}"
+    return f"{name}{what} on “{amap.title}”" if amap.title else f"{name}{what}"
 
 
 def _one(Figure, amap: AttentionMap, layer: int, head: int):
     w = amap.weights[layer, head]  # (Lq, Lk)
     lq, lk = w.shape
     side = 0.32
-    fig = Figure(figsize=(max(4.5, 2.2 + side * lk), max(3.5, 1.8 + side * lq)),
+    width = max(4.5, 2.2 + side * lk)
+    caption = _wrap(_caption(amap), width - 0.3, 9)
+    lines = caption.count("\n")  # each extra title line gets its own room
+    fig = Figure(figsize=(width, max(3.5, 1.8 + side * lq) + 0.18 * lines),
                  layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(w, cmap=CMAP, norm=_norm(), aspect="equal", interpolation="nearest")
@@ -81,9 +117,10 @@ def _one(Figure, amap: AttentionMap, layer: int, head: int):
                 if pct >= 5:
                     ax.text(j, i, str(pct), ha="center", va="center", fontsize=6.5,
                             color="black" if w[i, j] > 0.45 else "white")
-    ax.set_title(f"{amap.layer_name(layer)}, {amap.head_name(head)}",
-                 fontsize=11)
-    fig.suptitle(_caption(amap), fontsize=9)
+    which = ("every layer combined, heads averaged" if amap.kind == "rollout"
+             else f"{amap.layer_name(layer)}, {amap.head_name(head)}")
+    ax.set_title(which, fontsize=11)
+    fig.suptitle(caption, fontsize=9)
     bar = fig.colorbar(im, ax=ax, shrink=0.8, ticks=[0, 0.05, 0.25, 0.5, 1])
     bar.set_label("weight (numbers in %)", fontsize=8)
     return fig
@@ -91,8 +128,10 @@ def _one(Figure, amap: AttentionMap, layer: int, head: int):
 
 def _grid(Figure, amap: AttentionMap, layers: list[int], heads: list[int]):
     nr, nc = len(layers), len(heads)
-    cell = 1.05 if nc > 1 or nr > 1 else 3.0
-    fig = Figure(figsize=(1.2 + cell * nc + 0.9, 1.3 + cell * nr), layout="constrained")
+    cell = 1.05
+    width = max(4.5, 1.2 + cell * nc + 0.9)
+    # one row of thumbnails is still tall enough for the colour bar and its label
+    fig = Figure(figsize=(width, max(3.2, 1.3 + cell * nr)), layout="constrained")
     axes = np.atleast_2d(fig.subplots(nr, nc, squeeze=False))
     im = None
     for r, layer in enumerate(layers):
@@ -108,15 +147,15 @@ def _grid(Figure, amap: AttentionMap, layers: list[int], heads: list[int]):
                 ax.set_title(amap.head_name(head), fontsize=8, pad=3)
             if c == 0:
                 ax.set_ylabel(amap.layer_name(layer), fontsize=8)
-    def listed(toks: list[str]) -> str:
-        text = " ".join(toks)
-        return text if len(text) <= 110 else text[:109] + "…"
+    def fit(text: str, lines: int = 2) -> str:
+        return _wrap(text, width - 0.3, 8.5, max_lines=lines)
 
-    order = (f"rows attend to columns, in token order: {listed(amap.tokens)}" if amap.is_self
-             else f"rows (queries): {listed(amap.tokens)}\ncolumns (keys): "
-                  f"{listed(amap.keys)}")
-    fig.suptitle(_caption(amap) + "\n" + order, fontsize=8.5)
-    bar = fig.colorbar(im, ax=axes, shrink=0.6, ticks=[0, 0.05, 0.25, 0.5, 1], pad=0.01)
-    bar.set_label("attention weight (square-root scale)", fontsize=8)
+    order = ([f"rows attend to columns, in token order: {' '.join(amap.tokens)}"]
+             if amap.is_self else [f"rows (queries): {' '.join(amap.tokens)}",
+                                   f"columns (keys): {' '.join(amap.keys)}"])
+    fig.suptitle("\n".join([fit(_caption(amap), 3)] + [fit(o) for o in order]), fontsize=8.5)
+    bar = fig.colorbar(im, ax=axes, shrink=0.9 if nr == 1 else 0.6,
+                       ticks=[0, 0.05, 0.25, 0.5, 1], pad=0.01)
+    bar.set_label("attention weight\n(square-root scale)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     return fig

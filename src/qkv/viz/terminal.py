@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 
 from rich.console import Console, ConsoleOptions, RenderResult
+from rich.jupyter import JupyterMixin
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
 from ..attention_map import AttentionMap
 
-__all__ = ["Heatmap", "colour", "heatmap", "top_table"]
+__all__ = ["Heatmap", "TopTable", "colour", "heatmap", "top_table"]
 
 # A perceptually ordered dark-purple -> teal -> yellow ramp, readable on dark and light
 # terminals alike (low weights dark, high weights bright).
@@ -41,15 +42,22 @@ def _clip(s: str, n: int) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-class Heatmap:
+class Heatmap(JupyterMixin):
     """A rich renderable: one head's weights, rows = ``amap.tokens`` (queries), columns =
     ``amap.keys`` (key tokens, labels written vertically). Chooses colour or plain text
-    when rendered, from the console it is printed on."""
+    when rendered, from the console it is printed on; in a notebook it shows itself (as
+    coloured HTML text)."""
 
     def __init__(self, amap: AttentionMap, layer: int, head: int, *,
                  highlight: int | None = None) -> None:
         amap.check_head(layer, head)
         self.amap, self.layer, self.head, self.highlight = amap, layer, head, highlight
+
+    def __repr__(self) -> str:
+        lq, lk = self.amap.weights.shape[2:]
+        mark = "" if self.highlight is None else f", query {self.amap.tokens[self.highlight]!r}"
+        return (f"Heatmap({self.amap.layer_name(self.layer)}, "
+                f"{self.amap.head_name(self.head)}, {lq} x {lk}{mark})")
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         amap = self.amap
@@ -76,18 +84,28 @@ class Heatmap:
                 ch = h[r] if r < len(h) else " "
                 line.append(ch.rjust(cell) if cell > 1 else ch)
             yield line
+        overflow = False
         for i, tok in enumerate(rows):
             mark = "bold" if (i == self.highlight and use_colour) else ""
             line = Text(_clip(tok, _LABEL).ljust(label), style=mark)
             for j in range(shown):
                 x = float(w[i, j])
-                line.append(self._cell(x, cell, use_colour))
+                c = self._cell(x, cell, use_colour)
+                overflow = overflow or "@" in c.plain
+                line.append(c)
             if i == self.highlight and not use_colour:
                 line.append("  <")
             yield line
         scale = ("colour: square-root scale from 0 (dark) to 100% (bright); numbers are %"
                  if use_colour else "numbers are weights in % ('.' below 0.5%)")
+        if not use_colour and cell == 1:
+            scale = (f"one character per cell: '{_SHADES[1:]}' from 0 to 100% (square-root "
+                     "scale; blank below 1%); widen the terminal for numbers")
         yield Text(scale, style="dim" if use_colour else "")
+        if overflow and cell > 1:
+            what = "100%" if cell >= 3 else f"{10 ** (cell - 1)}% to 100%"
+            yield Text(f"{'@' * (cell - 1)} = {what} (the number does not fit the column; "
+                       "widen the terminal for room)")
 
     @staticmethod
     def _cell(x: float, width: int, use_colour: bool) -> Text:
@@ -114,8 +132,17 @@ def heatmap(amap: AttentionMap, layer: int, head: int, *,
     return Heatmap(amap, layer, head, highlight=highlight)
 
 
+class TopTable(Table):
+    """A rich Table (shows itself in a notebook) with a short repr."""
+
+    query: str = ""
+
+    def __repr__(self) -> str:
+        return f"TopTable(top keys of {self.query!r}, {self.row_count} heads)"
+
+
 def top_table(amap: AttentionMap, index: int, *, k: int = 3, layers=None, heads=None,
-              title: str | None = None) -> Table:
+              title: str | None = None) -> TopTable:
     """A table with one row per layer and head: the ``k`` keys that query ``index``
     attends to most, with their weights in %."""
     if not 0 <= index < len(amap.tokens):
@@ -123,7 +150,8 @@ def top_table(amap: AttentionMap, index: int, *, k: int = 3, layers=None, heads=
     layers = range(amap.num_layers) if layers is None else layers
     heads = range(amap.num_heads) if heads is None else heads
     special = amap.keys_special
-    t = Table(title=title, show_edge=False, pad_edge=False)
+    t = TopTable(title=title, show_edge=False, pad_edge=False)
+    t.query = amap.tokens[index]
     t.add_column("layer", justify="right")
     t.add_column("head", justify="right")
     for r in range(k):
