@@ -22,6 +22,18 @@ def _modules() -> dict[str, tuple[Path, bool]]:
     return mods
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of the tree except the bodies of ``if TYPE_CHECKING:`` (never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
 def _imports(mods) -> dict[str, set[str]]:
     """Module -> the qkv modules it imports anywhere (module level or inside functions)."""
 
@@ -33,7 +45,7 @@ def _imports(mods) -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {m: set() for m in mods}
     for m, (path, is_pkg) in mods.items():
         pkg = m if is_pkg else m.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):

@@ -25,10 +25,12 @@ any key but the word itself (``[CLS]`` included), and finally any key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .attention_map import AttentionMap
+if TYPE_CHECKING:  # only annotations: the rule reads weights and tokens of any map
+    from .attention_map import AttentionMap
 
 __all__ = ["PRONOUNS", "HeadChoice", "choose_head", "default_query", "eligible_keys"]
 

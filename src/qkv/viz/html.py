@@ -30,10 +30,13 @@ import re
 import uuid
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..attention_map import AttentionMap
+if TYPE_CHECKING:  # the viewer takes any map that behaves like one; no import at run time
+    from ..attention_map import AttentionMap
+
 
 __all__ = ["NOTEBOOK_QKV_BYTES", "fragment", "render", "save"]
 
@@ -106,7 +109,7 @@ def fragment(amap: AttentionMap, *, layer: int | None = None, head: int | None =
     inside; nothing loaded) for a notebook or another page. Options as :func:`render`;
     per-head q/k/v (the step-by-step panel) are left out when they exceed
     ``max_qkv_bytes`` (None: never), and the viewer says so."""
-    if not isinstance(amap, AttentionMap):
+    if not all(hasattr(amap, a) for a in ("weights", "tokens", "merge_words")):
         raise TypeError(f"expected a qkv AttentionMap; got {type(amap).__name__}")
     layer, head, query, words = _start(amap, layer, head, query, words)
     size = _qkv_bytes(amap)
@@ -143,7 +146,7 @@ def render(amap: AttentionMap, *, layer: int | None = None, head: int | None = N
     index (a row of ``amap``) the step-by-step panel starts on (default: the word
     ``qkv explain`` would pick); ``words`` (default: True when the map has words) and
     ``hide_special`` set the two toggles."""
-    if not isinstance(amap, AttentionMap):
+    if not all(hasattr(amap, a) for a in ("weights", "tokens", "merge_words")):
         raise TypeError(f"expected a qkv AttentionMap; got {type(amap).__name__}")
     layer, head, query, words = _start(amap, layer, head, query, words)
     viewer = _fill(amap, layer=layer, head=head, query=query, words=words,
