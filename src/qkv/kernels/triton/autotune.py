@@ -21,9 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import offline
+
 log = logging.getLogger("qkv")
 
-__all__ = ["Config", "candidates", "choose", "override"]
+__all__ = ["Config", "arch_of", "candidates", "choose", "override"]
 
 
 @dataclass(frozen=True)
@@ -57,17 +59,28 @@ def override(config: Config) -> Iterator[None]:
         _forced = before
 
 
-def candidates(kernel: str, block_d: int, device: torch.device) -> list[Config]:
+def arch_of(device: torch.device) -> int | None:
+    """The compute capability the kernels are built for (90 for sm_90): the target of
+    :func:`offline.compiling` while it is on, else the CUDA device's; None = interpreter."""
+    recorder = offline.active()
+    if recorder is not None:
+        return recorder.arch
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def candidates(kernel: str, block_d: int, arch: int | None) -> list[Config]:
     """The configs worth trying for ``kernel`` ("fwd", "dkdv", "dq", "weights") at padded
     head dim ``block_d`` on ``device``: Hopper-shaped first (128-row tiles, 8 warps, 2-3
     stages), then smaller tiles for other GPUs and large heads. Three for the forward, two
     for each backward kernel, so that the first calls of a shape compile only a few."""
     if _forced is not None:
         return [_forced]
-    if device.type != "cuda":
+    if arch is None:
         return [INTERPRETER_CONFIG]
-    major, _ = torch.cuda.get_device_capability(device)
-    hopper = major >= 9
+    hopper = arch >= 90
     if kernel == "fwd":  # queries resident (block_m), keys streamed (block_n)
         if block_d <= 64:
             return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3)]
@@ -101,6 +114,11 @@ def choose(key: tuple, configs: list[Config], run: Callable[[Config], None]) -> 
     remembered under ``key``. The caller launches the winner itself afterwards.
     """
     if len(configs) == 1:
+        return configs[0]
+    recorder = offline.active()
+    if recorder is not None:  # compiling for a target: every candidate, no timing
+        for cfg in configs[:1] if recorder.first_only else configs:
+            run(cfg)
         return configs[0]
     if key in _best:
         return _best[key]

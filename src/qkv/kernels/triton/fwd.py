@@ -25,7 +25,18 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .common import LOG2E, band_args, block_dim, load_tile, span, tile_and_head, visible
+from .common import (
+    LOG2E,
+    at_row,
+    band_args,
+    block_dim,
+    launch,
+    load_tile,
+    span,
+    store_tile,
+    tile_and_head,
+    visible,
+)
 
 
 @triton.jit
@@ -38,9 +49,14 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, lo, hi, kv_len, qk_scale,
     """Fold the key blocks ``[lo, hi)`` into the running (acc, l, m) of the query tile."""
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
+    rows = tl.arange(0, BLOCK_N)
+    # Pointers to the first block, then advanced by one block per step (an int32 step of
+    # BLOCK_N rows; the pointer itself is 64-bit).
+    Kb = at_row(K, lo, stride_kn)
+    Vb = at_row(V, lo, stride_vn)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(K, offs_n, offs_dk, stride_kn, stride_kk, kv_len,
+        offs_n = start_n + rows
+        k = load_tile(Kb, rows, offs_dk, stride_kn, stride_kk, kv_len - start_n,
                       HEAD_DK, BLOCK_DK, MASKED)  # (BLOCK_N, BLOCK_DK)
         s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) raw scores, fp32
         if MASKED:
@@ -60,10 +76,12 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, lo, hi, kv_len, qk_scale,
             p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_use)  # rescales the old sums (0 when m_i = -inf)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(V, offs_n, offs_dv, stride_vn, stride_vk, kv_len,
+        v = load_tile(Vb, rows, offs_dv, stride_vn, stride_vk, kv_len - start_n,
                       HEAD_DV, BLOCK_DV, MASKED)  # (BLOCK_N, BLOCK_DV)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # (BLOCK_M, BLOCK_DV)
         m_i = m_new
+        Kb += BLOCK_N * stride_kn
+        Vb += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -93,9 +111,10 @@ def _fwd_kernel(Q, K, V, O, LSE, LENGTHS,
     LSE += pid_bh.to(tl.int64) * LQ
 
     m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = load_tile(Q, offs_m, tl.arange(0, BLOCK_DK), stride_qm, stride_qk, LQ,
-                  HEAD_DK, BLOCK_DK, True)  # (BLOCK_M, BLOCK_DK), resident
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows
+    q = load_tile(at_row(Q, m0, stride_qm), rows, tl.arange(0, BLOCK_DK), stride_qm, stride_qk,
+                  LQ - m0, HEAD_DK, BLOCK_DK, True)  # (BLOCK_M, BLOCK_DK), resident
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -121,9 +140,8 @@ def _fwd_kernel(Q, K, V, O, LSE, LENGTHS,
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     tl.store(LSE + offs_m, lse, mask=offs_m < LQ)
-    ptrs = O + offs_m[:, None] * stride_om + tl.arange(0, BLOCK_DV)[None, :] * stride_ok
-    tl.store(ptrs, out.to(O.dtype.element_ty),
-             mask=(offs_m[:, None] < LQ) & (tl.arange(0, BLOCK_DV)[None, :] < HEAD_DV))
+    store_tile(at_row(O, m0, stride_om), out.to(O.dtype.element_ty), rows,
+               tl.arange(0, BLOCK_DV), stride_om, stride_ok, LQ - m0, HEAD_DV, BLOCK_DV)
 
 
 def forward(q, k, v, lengths, scale: float, left: int | None, right: int | None):
@@ -151,7 +169,7 @@ def forward(q, k, v, lengths, scale: float, left: int | None, right: int | None)
 
     def run(cfg: autotune.Config) -> None:
         grid = (triton.cdiv(lq, cfg.block_m) * b * hq,)
-        _fwd_kernel[grid](
+        launch(_fwd_kernel, grid,
             q, k, v, out, lse, lengths if lengths is not None else lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             hq, lq, lk, scale * LOG2E, band["OFF"], band["LEFT"], band["RIGHT"],
@@ -162,7 +180,8 @@ def forward(q, k, v, lengths, scale: float, left: int | None, right: int | None)
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
+    arch = autotune.arch_of(q.device)
     key = ("fwd", str(q.device), q.dtype, dk, dv, band["HAS_LEFT"], band["HAS_RIGHT"],
            autotune.bucket(lq), autotune.bucket(lk), autotune.bucket(b * hq))
-    run(autotune.choose(key, autotune.candidates("fwd", max(bdk, bdv), q.device), run))
+    run(autotune.choose(key, autotune.candidates("fwd", max(bdk, bdv), arch), run))
     return out, lse
