@@ -61,15 +61,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def supports(arch: int) -> bool:
-    """Whether the installed Triton's NVIDIA backend can compile for ``arch``."""
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend
-        from triton.backends.compiler import GPUTarget
+    """Whether the installed Triton (and its ptxas) can compile a kernel for ``arch``."""
+    import triton
+    import triton.language as tl
 
-        CUDABackend(GPUTarget("cuda", arch, 32))
-        return True
-    except Exception:
-        return False
+    from qkv.backends.triton import offline
+
+    @triton.jit
+    def _probe(X, BLOCK: tl.constexpr):
+        tl.store(X + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32))
+
+    import torch
+
+    with offline.compiling(arch) as records:
+        offline.active().compile(_probe, (1,), (torch.empty(16, device="meta"),),
+                                 {"BLOCK": 16})
+    return all(r.error is None for r in records.values())
 
 
 def compile_group(arch: int, d: int, dtype: str, band: str, first_only: bool) -> list[dict]:
@@ -146,7 +153,8 @@ def run(args) -> list[dict]:
             print(f"  compiled sm_{g[0]} D={g[1]} {g[2]} {g[3]}", file=sys.stderr, flush=True)
     else:
         with ProcessPoolExecutor(args.jobs) as pool:
-            for g, got in zip(groups, pool.map(compile_group, *zip(*groups)), strict=True):
+            results = pool.map(compile_group, *zip(*groups, strict=True))
+            for g, got in zip(groups, results, strict=True):
                 rows += got
                 print(f"  compiled sm_{g[0]} D={g[1]} {g[2]} {g[3]}", file=sys.stderr,
                       flush=True)
