@@ -32,13 +32,16 @@ __all__ = ["Config", "arch_of", "candidates", "choose", "override"]
 class Config:
     """One launch configuration: the tile sizes and Triton's warps and pipeline stages.
 
-    ``block_m`` tiles the queries, ``block_n`` the keys, in every kernel.
+    ``block_m`` tiles the queries, ``block_n`` the keys, in every kernel. ``split_d`` (dK/dV
+    kernel only) shares each key block among that many programs, each with a slice of the
+    head dim's accumulators.
     """
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    split_d: int = 1
 
 
 #: The only config used by the interpreter unless :func:`override` says otherwise.
@@ -89,9 +92,17 @@ def candidates(kernel: str, block_d: int, arch: int | None) -> list[Config]:
                     Config(64, 64, 4, 3)]
         return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
     if kernel == "dkdv":  # keys resident (block_n), queries streamed (block_m)
+        # The float32 dK + dV accumulators take 2 * block_n * D * 4 bytes of registers: at
+        # 8 warps, 128 keys x D=128 is 128 registers a thread, and a short query block
+        # (16-32) keeps the S, P, dP tiles beside them small. D=256 splits the columns
+        # over 4 programs (split_d) rather than spill. (gpu_compile.py: no spills on sm_90.)
+        if block_d <= 64:
+            return [Config(32, 128, 8, 2), Config(16, 128, 8, 3)]
         if block_d <= 128:
-            return [Config(64, 128, 8, 2), Config(32, 128, 4, 3)]
-        return [Config(32, 64, 4, 2), Config(16, 64, 4, 2)]
+            return [Config(16, 128, 8, 2), Config(16, 128, 8, 3), Config(16, 64, 4, 2)]
+        if hopper:
+            return [Config(16, 128, 8, 2, split_d=4), Config(16, 64, 4, 2, split_d=4)]
+        return [Config(16, 64, 4, 2, split_d=4)]
     if kernel == "dq":  # queries resident (block_m), keys streamed (block_n)
         if block_d <= 128:
             return [Config(128, 64, 8, 2), Config(128, 32, 4, 3)]

@@ -72,15 +72,21 @@ def _delta_kernel(O, DO, DELTA,
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, offs_n, lo, hi, LQ, kv_len, qk_scale,
+def _dkdv_blocks(dk, dv, k, v, kc, Q, DO, DQ, LSE, DELTA, offs_n, cols_k, cols_v,
+                 lo, full_lo, full_hi, hi, LQ, kv_len, qk_scale,
                  stride_qm, stride_qk, stride_dom, stride_dok, stride_dqm, stride_dqk,
                  OFF, LEFT, RIGHT,
                  HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
-                 FUSE_DQ: tl.constexpr):
-    """Add the query blocks ``[lo, hi)`` of one query head to the resident (dK, dV), and
-    their ``dS K`` to dQ (float32, atomically) when ``FUSE_DQ``."""
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FUSE_DQ: tl.constexpr,
+                 SPLIT_D: tl.constexpr):
+    """Add the query blocks ``[lo, hi)`` of one query head to the resident (dK, dV) columns
+    ``cols_k``/``cols_v``, and their ``dS K`` to dQ (float32, atomically) when ``FUSE_DQ``.
+
+    One loop, whose edge blocks (outside ``[full_lo, full_hi)``) mask by a run-time
+    branch: three loops (edge, middle, edge), as in the forward, make ptxas keep three
+    sets of loop state next to the resident accumulators, and spill.
+    """
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = tl.arange(0, BLOCK_M)
@@ -90,29 +96,38 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, DQ, LSE, DELTA, offs_n, lo, hi, LQ, kv_len
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + rows
         q = load_tile(Qb, rows, offs_dk, stride_qm, stride_qk, LQ - start_m,
-                      HEAD_DK, BLOCK_DK, MASKED)  # (BLOCK_M, BLOCK_DK)
+                      HEAD_DK, BLOCK_DK, True)  # (BLOCK_M, BLOCK_DK)
         lse = load_lse(LSE, offs_m, LQ)  # (BLOCK_M,) +inf for rows that see nothing
         st = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M) raw scores, transposed
         pt = tl.math.exp2(st * qk_scale - lse[None, :])  # P^T
-        if MASKED:
+        if (start_m < full_lo) | (start_m >= full_hi):  # an edge block of the band
             ok = visible(offs_m[None, :], offs_n[:, None], kv_len, OFF, LEFT, RIGHT,
                          HAS_LEFT, HAS_RIGHT)
             pt = tl.where(ok, pt, 0.0)
         do = load_tile(DOb, rows, offs_dv, stride_dom, stride_dok, LQ - start_m,
-                       HEAD_DV, BLOCK_DV, MASKED)  # (BLOCK_M, BLOCK_DV)
-        dv = tl.dot(pt.to(do.dtype), do, dv)  # (BLOCK_N, BLOCK_DV)
-        if MASKED:
-            delta = tl.load(DELTA + offs_m, mask=offs_m < LQ, other=0.0)
-        else:
-            delta = tl.load(DELTA + offs_m)
+                       HEAD_DV, BLOCK_DV, True)  # (BLOCK_M, BLOCK_DV)
+        if SPLIT_D == 1:
+            qc = q
+            doc = do
+        else:  # this program's columns of q and dO (an L1/L2 re-read of the same rows)
+            qc = load_tile(Qb, rows, cols_k, stride_qm, stride_qk, LQ - start_m,
+                           HEAD_DK, BLOCK_DK, True)  # (BLOCK_M, BLOCK_DK // SPLIT_D)
+            doc = load_tile(DOb, rows, cols_v, stride_dom, stride_dok, LQ - start_m,
+                            HEAD_DV, BLOCK_DV, True)  # (BLOCK_M, BLOCK_DV // SPLIT_D)
+        dv = tl.dot(pt.to(do.dtype), doc, dv)  # (BLOCK_N, BLOCK_DV // SPLIT_D)
+        delta = tl.load(DELTA + offs_m, mask=offs_m < LQ, other=0.0)
         dpt = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M) = (dO V^T)^T
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)  # dS^T, unscaled
-        dk = tl.dot(dst, q, dk)  # (BLOCK_N, BLOCK_DK)
+        dk = tl.dot(dst, qc, dk)  # (BLOCK_N, BLOCK_DK // SPLIT_D)
         if FUSE_DQ:
-            dq = tl.dot(tl.trans(dst), k)  # (BLOCK_M, BLOCK_DK), this key block's share
-            ptrs = DQb + rows[:, None] * stride_dqm + offs_dk[None, :] * stride_dqk
-            tl.atomic_add(ptrs, dq, mask=(rows[:, None] < LQ - start_m)
-                          & (offs_dk[None, :] < HEAD_DK), sem="relaxed")
+            # This key block's share of dQ (this program's columns), computed transposed:
+            # dQ^T = K^T dS^T puts the head dim (>= 64) on the MMA's M side, so Hopper's
+            # wgmma reads K from shared memory; dS K with a short query block would fall
+            # back to mma.sync, which holds all of K in registers (and spills).
+            dqt = tl.dot(tl.trans(kc), dst)  # (BLOCK_DK // SPLIT_D, BLOCK_M)
+            ptrs = DQb + rows[None, :] * stride_dqm + cols_k[:, None] * stride_dqk
+            tl.atomic_add(ptrs, dqt, mask=(rows[None, :] < LQ - start_m)
+                          & (cols_k[:, None] < HEAD_DK), sem="relaxed")
         Qb += BLOCK_M * stride_qm
         DOb += BLOCK_M * stride_dom
         DQb += BLOCK_M * stride_dqm
@@ -135,10 +150,17 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, LENGTHS,
                  BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-                 FUSE_DQ: tl.constexpr):
-    """Grid ``(cdiv(Lk, BLOCK_N) * B * Hkv * SPLIT,)``: dK, dV (SPLIT, B, Hkv, Lk, D) (the
-    split's stride 0 when ``SPLIT == 1``), and dQ += dS K (fp32) when ``FUSE_DQ``."""
+                 FUSE_DQ: tl.constexpr, SPLIT_D: tl.constexpr):
+    """Grid ``(cdiv(Lk, BLOCK_N) * SPLIT_D * SPLIT * B * Hkv,)``: dK, dV (SPLIT, B, Hkv, Lk,
+    D), and dQ += dS K (fp32) when ``FUSE_DQ``.
+
+    ``SPLIT_D`` programs share one key block, each with ``1 / SPLIT_D`` of the dK, dV
+    columns (and of dQ's): the float32 accumulators of a 256-wide head do not fit the
+    registers otherwise. Each recomputes the block's full ``S`` and ``dP``.
+    """
     pid_n, pid_rest = tile_and_head(LK, BLOCK_N, False)  # key tiles of one head together
+    part = pid_rest % SPLIT_D  # which columns of dK, dV
+    pid_rest = pid_rest // SPLIT_D
     split = pid_rest % SPLIT  # this program's share of the group's query heads
     pid_bh = pid_rest // SPLIT
     b = pid_bh // HKV
@@ -151,12 +173,21 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, LENGTHS,
     offs_dv = tl.arange(0, BLOCK_DV)
     K += b.to(tl.int64) * stride_kz + kvh.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vz + kvh.to(tl.int64) * stride_vh
-    k = load_tile(at_row(K, n0, stride_kn), rows, offs_dk, stride_kn, stride_kk, kv_len - n0,
+    cols_k = part * (BLOCK_DK // SPLIT_D) + tl.arange(0, BLOCK_DK // SPLIT_D)
+    cols_v = part * (BLOCK_DV // SPLIT_D) + tl.arange(0, BLOCK_DV // SPLIT_D)
+    K = at_row(K, n0, stride_kn)
+    V = at_row(V, n0, stride_vn)
+    k = load_tile(K, rows, offs_dk, stride_kn, stride_kk, kv_len - n0,
                   HEAD_DK, BLOCK_DK, True)  # (BLOCK_N, BLOCK_DK), resident
-    v = load_tile(at_row(V, n0, stride_vn), rows, offs_dv, stride_vn, stride_vk, kv_len - n0,
+    v = load_tile(V, rows, offs_dv, stride_vn, stride_vk, kv_len - n0,
                   HEAD_DV, BLOCK_DV, True)  # (BLOCK_N, BLOCK_DV), resident
-    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    if SPLIT_D == 1:
+        kc = k
+    else:
+        kc = load_tile(K, rows, cols_k, stride_kn, stride_kk, kv_len - n0,
+                       HEAD_DK, BLOCK_DK, True)  # (BLOCK_N, BLOCK_DK // SPLIT_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_DK // SPLIT_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV // SPLIT_D], tl.float32)
 
     # The query range that sees these keys: the band seen from the key side (a key j is
     # visible to query i iff j - OFF - RIGHT <= i <= j - OFF + LEFT). Keys at or past
@@ -169,21 +200,12 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, LENGTHS,
         DOh = DO + b.to(tl.int64) * stride_doz + h.to(tl.int64) * stride_doh
         DQh = DQ + b.to(tl.int64) * stride_dqz + h.to(tl.int64) * stride_dqh
         row = (b.to(tl.int64) * HQ + h) * LQ
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, DQh, LSE + row, DELTA + row, offs_n,
-                              start, full_lo, LQ, kv_len, qk_scale, stride_qm, stride_qk,
-                              stride_dom, stride_dok, stride_dqm, stride_dqk, OFF, LEFT, RIGHT,
+        dk, dv = _dkdv_blocks(dk, dv, k, v, kc, Qh, DOh, DQh, LSE + row, DELTA + row,
+                              offs_n, cols_k, cols_v, start, full_lo, full_hi, end, LQ,
+                              kv_len, qk_scale, stride_qm, stride_qk, stride_dom, stride_dok,
+                              stride_dqm, stride_dqk, OFF, LEFT, RIGHT,
                               HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV, BLOCK_M,
-                              HAS_LEFT, HAS_RIGHT, True, FUSE_DQ)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, DQh, LSE + row, DELTA + row, offs_n,
-                              full_lo, full_hi, LQ, kv_len, qk_scale, stride_qm, stride_qk,
-                              stride_dom, stride_dok, stride_dqm, stride_dqk, OFF, LEFT, RIGHT,
-                              HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV, BLOCK_M,
-                              HAS_LEFT, HAS_RIGHT, False, FUSE_DQ)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, DQh, LSE + row, DELTA + row, offs_n,
-                              full_hi, end, LQ, kv_len, qk_scale, stride_qm, stride_qk,
-                              stride_dom, stride_dok, stride_dqm, stride_dqk, OFF, LEFT, RIGHT,
-                              HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV, BLOCK_M,
-                              HAS_LEFT, HAS_RIGHT, True, FUSE_DQ)
+                              HAS_LEFT, HAS_RIGHT, FUSE_DQ, SPLIT_D)
 
     real = (offs_n < kv_len)[:, None]  # padded keys get exactly 0, whatever the tile held
     dk = tl.where(real, dk * scale, 0.0)
@@ -192,19 +214,20 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, LENGTHS,
            + kvh.to(tl.int64) * stride_dkh)
     DV += (split.to(tl.int64) * stride_dvs + b.to(tl.int64) * stride_dvz
            + kvh.to(tl.int64) * stride_dvh)
-    store_tile(at_row(DK, n0, stride_dkn), dk.to(DK.dtype.element_ty), rows, offs_dk,
+    store_tile(at_row(DK, n0, stride_dkn), dk.to(DK.dtype.element_ty), rows, cols_k,
                stride_dkn, stride_dkk, LK - n0, HEAD_DK, BLOCK_DK)
-    store_tile(at_row(DV, n0, stride_dvn), dv.to(DV.dtype.element_ty), rows, offs_dv,
+    store_tile(at_row(DV, n0, stride_dvn), dv.to(DV.dtype.element_ty), rows, cols_v,
                stride_dvn, stride_dvk, LK - n0, HEAD_DV, BLOCK_DV)
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, K, V, offs_m, lo, hi, kv_len, qk_scale,
-               stride_kn, stride_kk, stride_vn, stride_vk, OFF, LEFT, RIGHT,
+def _dq_blocks(dq, q, do, lse, delta, K, V, offs_m, lo, full_lo, full_hi, hi, kv_len,
+               qk_scale, stride_kn, stride_kk, stride_vn, stride_vk, OFF, LEFT, RIGHT,
                HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
                BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr):
-    """Add the key blocks ``[lo, hi)`` to the resident dQ."""
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Add the key blocks ``[lo, hi)`` to the resident dQ; blocks outside
+    ``[full_lo, full_hi)`` mask (one loop, as in the forward)."""
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = tl.arange(0, BLOCK_N)
@@ -213,12 +236,12 @@ def _dq_blocks(dq, q, do, lse, delta, K, V, offs_m, lo, hi, kv_len, qk_scale,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + rows
         k = load_tile(Kb, rows, offs_dk, stride_kn, stride_kk, kv_len - start_n,
-                      HEAD_DK, BLOCK_DK, MASKED)  # (BLOCK_N, BLOCK_DK)
+                      HEAD_DK, BLOCK_DK, True)  # (BLOCK_N, BLOCK_DK)
         v = load_tile(Vb, rows, offs_dv, stride_vn, stride_vk, kv_len - start_n,
-                      HEAD_DV, BLOCK_DV, MASKED)  # (BLOCK_N, BLOCK_DV)
+                      HEAD_DV, BLOCK_DV, True)  # (BLOCK_N, BLOCK_DV)
         s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
-        if MASKED:
+        if (start_n < full_lo) | (start_n >= full_hi):  # an edge block: mask
             ok = visible(offs_m[:, None], offs_n[None, :], kv_len, OFF, LEFT, RIGHT,
                          HAS_LEFT, HAS_RIGHT)
             p = tl.where(ok, p, 0.0)
@@ -268,15 +291,9 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LENGTHS,
 
     start, full_lo, full_hi, end = span(m0, tl.minimum(m0 + BLOCK_M, LQ), kv_len,
                                         OFF, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    dq = _dq_blocks(dq, q, do, lse, delta, K, V, offs_m, start, full_lo, kv_len, qk_scale,
-                    stride_kn, stride_kk, stride_vn, stride_vk, OFF, LEFT, RIGHT,
-                    HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, True)
-    dq = _dq_blocks(dq, q, do, lse, delta, K, V, offs_m, full_lo, full_hi, kv_len, qk_scale,
-                    stride_kn, stride_kk, stride_vn, stride_vk, OFF, LEFT, RIGHT,
-                    HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, False)
-    dq = _dq_blocks(dq, q, do, lse, delta, K, V, offs_m, full_hi, end, kv_len, qk_scale,
-                    stride_kn, stride_kk, stride_vn, stride_vk, OFF, LEFT, RIGHT,
-                    HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, True)
+    dq = _dq_blocks(dq, q, do, lse, delta, K, V, offs_m, start, full_lo, full_hi, end, kv_len,
+                    qk_scale, stride_kn, stride_kk, stride_vn, stride_vk, OFF, LEFT, RIGHT,
+                    HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     DQ += b.to(tl.int64) * stride_dqz + h.to(tl.int64) * stride_dqh
     store_tile(at_row(DQ, m0, stride_dqm), (dq * scale).to(DQ.dtype.element_ty), rows,
                offs_dk, stride_dqm, stride_dqk, LQ - m0, HEAD_DK, BLOCK_DK)
@@ -343,12 +360,12 @@ def backward(do, q, k, v, out, lse, lengths, scale: float, left: int | None,
             dv = torch.empty(split, *v.shape, dtype=torch.float32, device=v.device)
         if not deterministic:
             dq_acc.zero_()  # the tuner runs this more than once
-        launch(_dkdv_kernel, (tiles * split,),
+        launch(_dkdv_kernel, (tiles * split * cfg.split_d,),
                q, k, v, do, lse, delta, dk, dv, dq_acc, lens,
                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
                *dv.stride(), *dq_acc.stride(), hq, hkv, lq, lk, scale, scale * LOG2E, *bands,
                groups, split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-               FUSE_DQ=not deterministic, **common,
+               FUSE_DQ=not deterministic, SPLIT_D=cfg.split_d, **common,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     run_dkdv(autotune.choose(("dkdv", *shape_class), cands, run_dkdv))

@@ -40,13 +40,19 @@ from .common import (
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, lo, hi, kv_len, qk_scale,
+def _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, lo, full_lo, full_hi, hi, kv_len, qk_scale,
                 stride_kn, stride_kk, stride_vn, stride_vk,
                 OFF, LEFT, RIGHT,
                 HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr):
-    """Fold the key blocks ``[lo, hi)`` into the running (acc, l, m) of the query tile."""
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Fold the key blocks ``[lo, hi)`` into the running (acc, l, m) of the query tile.
+
+    Blocks in ``[full_lo, full_hi)`` are visible to every query of the tile and skip the
+    mask; the others (the band's edges: a window's left side, the causal diagonal, the end
+    of the keys) take a run-time branch that masks. One loop rather than three (edge,
+    middle, edge): each loop's state costs registers, and three spill at D=128.
+    """
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = tl.arange(0, BLOCK_N)
@@ -57,9 +63,9 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, lo, hi, kv_len, qk_scale,
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + rows
         k = load_tile(Kb, rows, offs_dk, stride_kn, stride_kk, kv_len - start_n,
-                      HEAD_DK, BLOCK_DK, MASKED)  # (BLOCK_N, BLOCK_DK)
+                      HEAD_DK, BLOCK_DK, True)  # (BLOCK_N, BLOCK_DK)
         s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) raw scores, fp32
-        if MASKED:
+        if (start_n < full_lo) | (start_n >= full_hi):  # an edge block: mask
             ok = visible(offs_m[:, None], offs_n[None, :], kv_len, OFF, LEFT, RIGHT,
                          HAS_LEFT, HAS_RIGHT)
             s = tl.where(ok, s * qk_scale, float("-inf"))
@@ -77,7 +83,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, lo, hi, kv_len, qk_scale,
         alpha = tl.math.exp2(m_i - m_use)  # rescales the old sums (0 when m_i = -inf)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_tile(Vb, rows, offs_dv, stride_vn, stride_vk, kv_len - start_n,
-                      HEAD_DV, BLOCK_DV, MASKED)  # (BLOCK_N, BLOCK_DV)
+                      HEAD_DV, BLOCK_DV, True)  # (BLOCK_N, BLOCK_DV)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # (BLOCK_M, BLOCK_DV)
         m_i = m_new
         Kb += BLOCK_N * stride_kn
@@ -121,20 +127,10 @@ def _fwd_kernel(Q, K, V, O, LSE, LENGTHS,
 
     start, full_lo, full_hi, end = span(m0, tl.minimum(m0 + BLOCK_M, LQ), kv_len,
                                         OFF, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    # Left edge of a window (masked), the fully visible middle (no mask), then the right
-    # edge: the causal diagonal, the end of the keys.
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, start, full_lo, kv_len,
-                                qk_scale, stride_kn, stride_kk, stride_vn, stride_vk,
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, start, full_lo, full_hi, end,
+                                kv_len, qk_scale, stride_kn, stride_kk, stride_vn, stride_vk,
                                 OFF, LEFT, RIGHT, HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV,
-                                BLOCK_N, HAS_LEFT, HAS_RIGHT, True)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, full_lo, full_hi, kv_len,
-                                qk_scale, stride_kn, stride_kk, stride_vn, stride_vk,
-                                OFF, LEFT, RIGHT, HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV,
-                                BLOCK_N, HAS_LEFT, HAS_RIGHT, False)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, full_hi, end, kv_len,
-                                qk_scale, stride_kn, stride_kk, stride_vn, stride_vk,
-                                OFF, LEFT, RIGHT, HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV,
-                                BLOCK_N, HAS_LEFT, HAS_RIGHT, True)
+                                BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
     seen = l_i > 0.0  # False for a row that sees no key: output 0, lse -inf
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
