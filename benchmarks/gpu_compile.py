@@ -65,7 +65,7 @@ def supports(arch: int) -> bool:
     import triton
     import triton.language as tl
 
-    from qkv.backends.triton import offline
+    from qkv.kernels.triton import offline
 
     @triton.jit
     def _probe(X, BLOCK: tl.constexpr):
@@ -85,10 +85,10 @@ def compile_group(arch: int, d: int, dtype: str, band: str, first_only: bool) ->
     import torch
 
     warnings.filterwarnings("ignore", message=".*FP_FUSION")  # Triton 3.9's notice
-    from qkv.backends.triton import offline
-    from qkv.backends.triton.bwd import backward
-    from qkv.backends.triton.fwd import forward
-    from qkv.backends.triton.weights import attention_weights
+    from qkv.kernels.triton import offline
+    from qkv.kernels.triton.bwd import backward
+    from qkv.kernels.triton.fwd import forward
+    from qkv.kernels.triton.weights import attention_weights
 
     dt = getattr(torch, dtype)
     meta = dict(device="meta", dtype=dt)
@@ -116,7 +116,7 @@ def compile_group(arch: int, d: int, dtype: str, band: str, first_only: bool) ->
 
 def verdict(row: dict) -> str:
     """'ok', or why this compiled candidate fails the check (the autotuner may pick it)."""
-    from qkv.backends.triton.offline import shared_memory_limit
+    from qkv.kernels.triton.offline import shared_memory_limit
 
     if row["error"]:
         return "ERROR"

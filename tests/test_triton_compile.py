@@ -22,10 +22,10 @@ pytest.importorskip("triton")
 import triton
 import triton.language as tl
 
-from qkv.backends.triton import offline
-from qkv.backends.triton.bwd import backward
-from qkv.backends.triton.fwd import forward
-from qkv.backends.triton.weights import attention_weights
+from qkv.kernels.triton import offline
+from qkv.kernels.triton.bwd import backward
+from qkv.kernels.triton.fwd import forward
+from qkv.kernels.triton.weights import attention_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*FP_FUSION")  # Triton 3.9's notice
 

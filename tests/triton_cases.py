@@ -257,7 +257,7 @@ def grads(q, k, v, dout, **kw):
 def test_gqa_heads_split_unevenly_over_programs(hq, hkv):
     """Groups of 3 and 5 query heads split in two programs each (1+2, 2+3 heads), partial
     dK/dV summed in float32; and the same with one program per group (no split)."""
-    from qkv.backends.triton import bwd
+    from qkv.kernels.triton import bwd
 
     q, k, v = rand_qkv(1, hq, hkv, 29, 41, 24, dtype=torch.float16, requires_grad=True)
     assert bwd.split_heads(hq // hkv, 4, None) == 2

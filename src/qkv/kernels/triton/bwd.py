@@ -21,7 +21,7 @@ the scores in log2 units), the gradients of ``O = P V`` are
    per query block (two more matmuls: ``S`` and ``dP`` again).
 
 Both big kernels skip the blocks the band hides and mask only the band's edge blocks
-(:func:`qkv.backends.triton.common.span`). Rows with no visible key have ``P = 0`` and so
+(:func:`qkv.kernels.triton.common.span`). Rows with no visible key have ``P = 0`` and so
 zero gradients.
 """
 
@@ -301,7 +301,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LENGTHS,
 
 def backward(do, q, k, v, out, lse, lengths, scale: float, left: int | None,
              right: int | None, deterministic: bool = False):
-    """Gradients of :func:`qkv.backends.triton.fwd.forward`'s output.
+    """Gradients of :func:`qkv.kernels.triton.fwd.forward`'s output.
 
     Args:
         do: (B, Hq, Lq, Dv), the gradient of ``out``; any strides (even 0).

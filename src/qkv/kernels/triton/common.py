@@ -149,7 +149,7 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 
 
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``; inside :func:`qkv.backends.triton.offline.compiling`
+    """``kernel[grid](*args, **kwargs)``; inside :func:`qkv.kernels.triton.offline.compiling`
     it compiles for that target instead (same arguments, so the same specialisation)."""
     recorder = offline.active()
     if recorder is None:

@@ -15,7 +15,7 @@ When a new block raises the maximum from ``m`` to ``m'``, the old sums are resca
 
 Key blocks that the band (causal / window / key length) hides from the whole tile are never
 visited; blocks visible to every query of the tile run without any mask; only the blocks on
-the band's edges pay for the element-wise mask (:func:`qkv.backends.triton.common.span`).
+the band's edges pay for the element-wise mask (:func:`qkv.kernels.triton.common.span`).
 """
 
 from __future__ import annotations
