@@ -76,9 +76,11 @@ def arch_of(device: torch.device) -> int | None:
 
 def candidates(kernel: str, block_d: int, arch: int | None) -> list[Config]:
     """The configs worth trying for ``kernel`` ("fwd", "dkdv", "dq", "weights") at padded
-    head dim ``block_d`` on ``device``: Hopper-shaped first (128-row tiles, 8 warps, 2-3
-    stages), then smaller tiles for other GPUs and large heads. Three for the forward, two
-    for each backward kernel, so that the first calls of a shape compile only a few."""
+    head dim ``block_d`` on compute capability ``arch`` (90 = sm_90; None = the
+    interpreter): Hopper-shaped first, then smaller tiles. Two or three per kernel, so that
+    the first calls of a shape compile only a few. Every candidate compiles for sm_90
+    without register spills and within shared memory, with Triton 3.6 and 3.9
+    (``benchmarks/gpu_compile.py`` checks; candidates that spilled were pruned)."""
     if _forced is not None:
         return [_forced]
     if arch is None:
@@ -88,9 +90,13 @@ def candidates(kernel: str, block_d: int, arch: int | None) -> list[Config]:
         if block_d <= 64:
             return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3)]
         if block_d <= 128:
-            return [Config(128, 64, 8, 3), Config(128, 128, 8, 2 if hopper else 1),
-                    Config(64, 64, 4, 3)]
-        return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
+            if hopper:
+                return [Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(64, 64, 4, 3)]
+            return [Config(128, 64, 8, 3), Config(64, 64, 4, 3)]  # 128x128 spills on sm_80
+        # D=256: 8 warps (4 spill at 64 x 64)
+        if hopper:
+            return [Config(128, 64, 8, 2), Config(64, 64, 8, 2)]
+        return [Config(64, 64, 8, 2), Config(64, 32, 4, 2)]
     if kernel == "dkdv":  # keys resident (block_n), queries streamed (block_m)
         # The float32 dK + dV accumulators take 2 * block_n * D * 4 bytes of registers: at
         # 8 warps, 128 keys x D=128 is 128 registers a thread, and a short query block
@@ -103,10 +109,12 @@ def candidates(kernel: str, block_d: int, arch: int | None) -> list[Config]:
         if hopper:
             return [Config(16, 128, 8, 2, split_d=4), Config(16, 64, 4, 2, split_d=4)]
         return [Config(16, 64, 4, 2, split_d=4)]
-    if kernel == "dq":  # queries resident (block_m), keys streamed (block_n)
-        if block_d <= 128:
+    if kernel == "dq":  # deterministic backward only; queries resident, keys streamed
+        if block_d <= 64:
             return [Config(128, 64, 8, 2), Config(128, 32, 4, 3)]
-        return [Config(64, 32, 4, 2), Config(64, 16, 4, 2)]
+        if block_d <= 128:
+            return [Config(128, 64, 8, 2), Config(64, 32, 4, 3)]  # 128x32/4 spills
+        return [Config(64, 32, 8, 2), Config(64, 16, 4, 2)]
     if kernel == "weights":  # memory-bound: one sane tile
         return [Config(64, 64, 4, 2) if block_d <= 128 else Config(32, 64, 4, 2)]
     raise ValueError(f"unknown kernel {kernel!r}; expected 'fwd', 'dkdv', 'dq' or 'weights'")
