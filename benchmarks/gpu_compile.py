@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -100,13 +101,19 @@ def compile_group(arch: int, d: int, dtype: str, band: str, first_only: bool) ->
     t0 = time.perf_counter()
     with offline.compiling(arch, first_only=first_only) as records:
         out, lse = forward(q, k, v, None, scale, left, right)
-        backward(torch.empty_like(out), q, k, v, out, lse, None, scale, left, right)
+        for deterministic in (False, True):  # dQ by atomics, or its own kernel
+            backward(torch.empty_like(out), q, k, v, out, lse, None, scale, left, right,
+                     deterministic=deterministic)
         attention_weights(q, k, lse, None, scale, left, right)
     rows = []
     for rec in records.values():
         row = rec.as_dict()
         row.update(D=d, dtype=dtype, band=band, block_m=rec.constexprs.get("BLOCK_M"),
                    block_n=rec.constexprs.get("BLOCK_N"))
+        if rec.constexprs.get("FUSE_DQ") is False:
+            row["kernel"] += "/det"  # the deterministic backward's dK/dV (no dQ atomics)
+        if rec.constexprs.get("SPLIT_D", 1) > 1:
+            row["kernel"] += f"/d{rec.constexprs['SPLIT_D']}"  # head dim split over programs
         row["constexprs"] = {k: str(v) for k, v in rec.constexprs.items()}
         rows.append(row)
     for row in rows:
@@ -130,13 +137,13 @@ def verdict(row: dict) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'kernel':14s} {'sm':>3} {'D':>4} {'dtype':8s} {'band':6s} {'tile':>8} "
+    head = (f"{'kernel':18s} {'sm':>3} {'D':>4} {'dtype':8s} {'band':6s} {'tile':>8} "
             f"{'w':>2} {'s':>2} {'regs':>4} {'spill st/ld':>11} {'smem KB':>7} "
             f"{'wgmma':>5} {'mma':>4} {'tma':>3}  verdict")
     print(head)
     for r in rows:
         tile = "x".join(str(r[k]) for k in ("block_m", "block_n") if r[k]) or "-"
-        print(f"{r['kernel']:14s} {r['arch']:3d} {r['D']:4d} {r['dtype'][:8]:8s} {r['band']:6s} "
+        print(f"{r['kernel']:18s} {r['arch']:3d} {r['D']:4d} {r['dtype'][:8]:8s} {r['band']:6s} "
               f"{tile:>8} {r['num_warps']:2d} {r['num_stages']:2d} {r['registers']:4d} "
               f"{r['spill_stores']:5d}/{r['spill_loads']:<5d} {r['shared'] / 1024:7.1f} "
               f"{r['wgmma']:5d} {r['mma_sync']:4d} {r['tma']:3d}  {r['verdict']}"
@@ -152,7 +159,9 @@ def run(args) -> list[dict]:
             rows += compile_group(*g)
             print(f"  compiled sm_{g[0]} D={g[1]} {g[2]} {g[3]}", file=sys.stderr, flush=True)
     else:
-        with ProcessPoolExecutor(args.jobs) as pool:
+        # spawn, not fork: the parent may have initialised CUDA (benchmarks/gpu.py)
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
             results = pool.map(compile_group, *zip(*groups, strict=True))
             for g, got in zip(groups, results, strict=True):
                 rows += got
