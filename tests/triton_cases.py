@@ -304,10 +304,9 @@ def test_deterministic_backward_is_reproducible_and_agrees():
         assert_lowp_rule(f, w, lo, factor=3.0, what=f"d{name}")
 
 
-@pytest.mark.parametrize("d", [40, 64])
-def test_head_dim_split_over_programs(d):
+def test_head_dim_split_over_programs():
     """split_d=2: two programs per key block, each with half of dK/dV's columns (40 pads to
     64: the second half holds 8 real columns and 24 of padding)."""
-    q, k, v = rand_qkv(B, HQ, HKV, LQ, LK, d, dtype=torch.float16, requires_grad=True)
+    q, k, v = rand_qkv(B, HQ, HKV, LQ, LK, 40, dtype=torch.float16, requires_grad=True)
     with autotune.override(autotune.Config(16, 32, 1, 1, split_d=2)):
         check(q, k, v, causal=True, mask=lengths_mask([50, 30]))
