@@ -97,6 +97,9 @@ CHECKS = [
      {"window": (128, 0), "lengths": [777, 300], "config": FIXED}, True),
     ("fp16-lq>lk", "float16", 1, 4, 4, 600, 300, 64, 64, {"causal": True, "config": FIXED},
      True),
+    ("mqa-deterministic", "bfloat16", 1, 8, 1, 1000, 1000, 128, 128,
+     {"causal": True, "deterministic": True}, True),
+    ("d256-causal", "bfloat16", 1, 4, 2, 513, 700, 256, 256, {"causal": True}, True),
     ("weights", "bfloat16", 1, 4, 2, 513, 777, 128, 128,
      {"causal": True, "return_weights": True}, False),
 ]
@@ -268,16 +271,23 @@ def run_checks(args) -> list[dict]:
         k = torch.randn(b, hkv, lk, d, device=dev, generator=g).to(dtype)
         v = torch.randn(b, hkv, lk, dv, device=dev, generator=g).to(dtype)
         kw = {key: val for key, val in opts.items()
-              if key not in ("lengths", "return_weights", "config")}
+              if key not in ("lengths", "return_weights", "config", "deterministic")}
         if "lengths" in opts:
             kw["mask"] = qkv.padding_mask(torch.tensor(opts["lengths"], device=dev), lk)
         weights = opts.get("return_weights", False)
         row = dict(name=name, dtype=dt, B=b, Hq=hq, Hkv=hkv, Lq=lq, Lk=lk, D=d, Dv=dv,
                    options={key: str(val) for key, val in opts.items()})
+        @contextlib.contextmanager
         def fixed(opts=opts):  # a fresh context each time: the backward tunes too
-            if "config" not in opts:
-                return contextlib.nullcontext()
-            return autotune.override(autotune.Config(*opts["config"]))
+            forced = (autotune.override(autotune.Config(*opts["config"])) if "config" in opts
+                      else contextlib.nullcontext())
+            before = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(opts.get("deterministic", False))
+            try:
+                with forced:
+                    yield
+            finally:
+                torch.use_deterministic_algorithms(before)
 
         try:
             for t in (q, k, v):
