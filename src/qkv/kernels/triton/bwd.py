@@ -27,6 +27,8 @@ zero gradients.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -400,5 +402,10 @@ def split_heads(groups: int, tiles: int, arch: int | None) -> int:
         return min(groups, 2)
     sms = _SMS.get(arch, 132)
     if torch.cuda.is_available() and offline.active() is None:
-        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        sms = _sm_count(torch.cuda.current_device())
     return max(1, min(groups, -(-2 * sms // tiles)))
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
