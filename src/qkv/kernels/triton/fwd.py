@@ -64,22 +64,18 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, lo, full_lo, full_hi, hi, kv_len
         offs_n = start_n + rows
         k = load_tile(Kb, rows, offs_dk, stride_kn, stride_kk, kv_len - start_n,
                       HEAD_DK, BLOCK_DK, True)  # (BLOCK_N, BLOCK_DK)
-        s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) raw scores, fp32
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) scores, log2 units
         if (start_n < full_lo) | (start_n >= full_hi):  # an edge block: mask
             ok = visible(offs_m[:, None], offs_n[None, :], kv_len, OFF, LEFT, RIGHT,
                          HAS_LEFT, HAS_RIGHT)
-            s = tl.where(ok, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so
-            # that exp2(-inf - (-inf)) never makes a NaN.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_use[:, None])
-        else:
-            # qk_scale > 0, so the row max of the scaled scores is the scaled row max; the
-            # subtraction then fuses with the scaling.
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_use = m_new
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        # (The branch yields only s: Triton 3.6's software pipeliner fails on a branch
+        # that also carries the row max and P.)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so
+        # that exp2(-inf - (-inf)) never makes a NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)  # rescales the old sums (0 when m_i = -inf)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_tile(Vb, rows, offs_dv, stride_vn, stride_vk, kv_len - start_n,
