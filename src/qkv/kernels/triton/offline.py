@@ -117,9 +117,7 @@ class _Recorder:
                 rec.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
                 self.records[key] = rec
                 return
-        _read_ptxas_log(rec, log.getvalue())
-        if rec.registers < 0:  # cached compile: no log printed, ask ptxas again
-            _read_ptxas_log(rec, _rerun_ptxas(ck.asm["ptx"], self.arch))
+        _read_ptxas_log(rec, log.getvalue())  # always_compile: never a silent cache hit
         rec.shared = int(ck.metadata.shared)
         ptx = ck.asm["ptx"]
         rec.wgmma = len(re.findall(r"\bwgmma\.mma_async", ptx))
@@ -150,21 +148,6 @@ def _read_ptxas_log(rec: Compiled, log: str) -> None:
         m = pattern.search(log)
         if m:
             setattr(rec, attr, int(m.group(1)))
-
-
-def _rerun_ptxas(ptx: str, arch: int) -> str:
-    import subprocess
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        cmd = [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}",
-               f.name, "-o", "/dev/null"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    return proc.stderr
 
 
 _active: _Recorder | None = None
