@@ -46,14 +46,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
     p.add_argument("--bands", nargs="+", default=list(BANDS), choices=list(BANDS))
     p.add_argument("--quick", action="store_true",
-                   help="sm_90, D=128, bfloat16, causal, the first candidate of each kernel")
+                   help="D=128, bfloat16, causal, the first candidate of each kernel, for "
+                        "sm_90 (or --arch)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="compile processes in parallel")
     p.add_argument("--json", type=Path, default=None,
                    help="where to write the JSON (default: $OUT/gpu_compile.json if $OUT set)")
     args = p.parse_args(argv)
     if args.quick:
-        args.arch, args.dims, args.dtypes, args.bands = [90], [128], ["bfloat16"], ["causal"]
+        args.arch = args.arch or [90]
+        args.dims, args.dtypes, args.bands = [128], ["bfloat16"], ["causal"]
     if args.arch is None:
         args.arch = [80, 90] + ([100] if supports(100) else [])
     if args.jobs < 1:
