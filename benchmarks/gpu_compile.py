@@ -9,10 +9,11 @@ for any target on a CPU and its bundled ``ptxas`` reports registers and spills::
     python benchmarks/gpu_compile.py --quick    # one config per kernel, D=128 bf16 causal, sm_90
     python benchmarks/gpu_compile.py --arch 90 --dims 128 256 --jobs 2
 
-Prints one table (registers, spill bytes stored/loaded, shared memory, MMA instructions,
-warps, stages) and writes JSON (``--json``, or ``$OUT/gpu_compile.json`` when ``$OUT`` is
-set). Exits 1 when a candidate the autotuner may pick fails to compile, spills on sm_90 or
-needs more shared memory than the target has.
+Prints one table (registers, spill bytes stored/loaded, shared memory, MMA instructions:
+wgmma (sm_90), mma.sync (sm_80), TMA copies, tcgen05 (sm_100); warps, stages) and writes
+JSON (``--json``, or ``$OUT/gpu_compile.json`` when ``$OUT`` is set). Exits 1 when a
+candidate the autotuner may pick fails to compile, spills on sm_90 or needs more shared
+memory than the target has.
 """
 
 from __future__ import annotations
@@ -141,14 +142,15 @@ def verdict(row: dict) -> str:
 def print_table(rows: list[dict]) -> None:
     head = (f"{'kernel':18s} {'sm':>3} {'D':>4} {'dtype':8s} {'band':6s} {'tile':>8} "
             f"{'w':>2} {'s':>2} {'regs':>4} {'spill st/ld':>11} {'smem KB':>7} "
-            f"{'wgmma':>5} {'mma':>4} {'tma':>3}  verdict")
+            f"{'wgmma':>5} {'mma':>4} {'tma':>3} {'tc05':>4}  verdict")
     print(head)
     for r in rows:
         tile = "x".join(str(r[k]) for k in ("block_m", "block_n") if r[k]) or "-"
         print(f"{r['kernel']:18s} {r['arch']:3d} {r['D']:4d} {r['dtype'][:8]:8s} {r['band']:6s} "
               f"{tile:>8} {r['num_warps']:2d} {r['num_stages']:2d} {r['registers']:4d} "
               f"{r['spill_stores']:5d}/{r['spill_loads']:<5d} {r['shared'] / 1024:7.1f} "
-              f"{r['wgmma']:5d} {r['mma_sync']:4d} {r['tma']:3d}  {r['verdict']}"
+              f"{r['wgmma']:5d} {r['mma_sync']:4d} {r['tma']:3d} {r.get('tcgen05', 0):4d}  "
+              f"{r['verdict']}"
               + (f" {r['error']}" if r["error"] else ""))
 
 

@@ -49,6 +49,7 @@ class Compiled:
     wgmma: int = 0  # wgmma.mma_async instructions in the PTX (Hopper's warpgroup MMA)
     mma_sync: int = 0  # mma.sync instructions (Ampere-style MMA)
     tma: int = 0  # cp.async.bulk.tensor instructions (TMA loads/stores)
+    tcgen05: int = 0  # tcgen05.mma instructions (Blackwell's tensor-memory MMA)
     error: str | None = None
     ttir: str = field(default="", repr=False)
 
@@ -123,6 +124,7 @@ class _Recorder:
         rec.wgmma = len(re.findall(r"\bwgmma\.mma_async", ptx))
         rec.mma_sync = len(re.findall(r"\bmma\.sync", ptx))
         rec.tma = len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx))
+        rec.tcgen05 = len(re.findall(r"\btcgen05\.mma", ptx))
         if self.keep_ttir:
             rec.ttir = ck.asm["ttir"]
         self.records[key] = rec
