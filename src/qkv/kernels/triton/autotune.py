@@ -77,7 +77,7 @@ def arch_of(device: torch.device) -> int | None:
 def candidates(kernel: str, block_d: int, arch: int | None) -> list[Config]:
     """The configs worth trying for ``kernel`` ("fwd", "dkdv", "dq", "weights") at padded
     head dim ``block_d`` on compute capability ``arch`` (90 = sm_90; None = the
-    interpreter): Hopper-shaped first, then smaller tiles. Two or three per kernel, so that
+    interpreter): Hopper-shaped first, then smaller tiles. One to three per kernel, so that
     the first calls of a shape compile only a few. Every candidate compiles for sm_90
     without register spills and within shared memory, with Triton 3.6 and 3.9
     (``benchmarks/gpu_compile.py`` checks; candidates that spilled were pruned)."""
