@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=240.0,
                    help="seconds for the whole run; optional work is skipped past it")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    p.add_argument("--no-compile-table", action="store_true",
+                   help="skip the compile table (registers, spills, shared memory per kernel)")
     p.add_argument("--skip-check", action="store_true", help="skip the correctness phase")
     p.add_argument("--smoke", action="store_true",
                    help="check this script on CPU: tiny float16 shapes through the Triton "
@@ -95,6 +97,9 @@ CHECKS = [
      {"window": (128, 0), "lengths": [777, 300], "config": FIXED}, True),
     ("fp16-lq>lk", "float16", 1, 4, 4, 600, 300, 64, 64, {"causal": True, "config": FIXED},
      True),
+    ("mqa-deterministic", "bfloat16", 1, 8, 1, 1000, 1000, 128, 128,
+     {"causal": True, "deterministic": True}, True),
+    ("d256-causal", "bfloat16", 1, 4, 2, 513, 700, 256, 256, {"causal": True}, True),
     ("weights", "bfloat16", 1, 4, 2, 513, 777, 128, 128,
      {"causal": True, "return_weights": True}, False),
 ]
@@ -147,6 +152,10 @@ def print_plan(args) -> None:
               f"causal={c['causal']!s:5s} fwd {flops(c, 'fwd') / 1e12:7.2f} TFLOP")
     base = find_baseline(args.baseline)
     print(f"baseline: {base if base else 'not found'}; budget {args.budget:.0f} s")
+    if not args.no_compile_table:
+        print("compile table (gpu_compile.py): " + (
+            "sm_90, D=128 bf16 causal, first candidates (--smoke)" if args.smoke else
+            f"this card's sm, D {args.dims}, {args.dtype}, full and causal, every candidate"))
 
 
 def checks_for(args):
@@ -262,16 +271,23 @@ def run_checks(args) -> list[dict]:
         k = torch.randn(b, hkv, lk, d, device=dev, generator=g).to(dtype)
         v = torch.randn(b, hkv, lk, dv, device=dev, generator=g).to(dtype)
         kw = {key: val for key, val in opts.items()
-              if key not in ("lengths", "return_weights", "config")}
+              if key not in ("lengths", "return_weights", "config", "deterministic")}
         if "lengths" in opts:
             kw["mask"] = qkv.padding_mask(torch.tensor(opts["lengths"], device=dev), lk)
         weights = opts.get("return_weights", False)
         row = dict(name=name, dtype=dt, B=b, Hq=hq, Hkv=hkv, Lq=lq, Lk=lk, D=d, Dv=dv,
                    options={key: str(val) for key, val in opts.items()})
+        @contextlib.contextmanager
         def fixed(opts=opts):  # a fresh context each time: the backward tunes too
-            if "config" not in opts:
-                return contextlib.nullcontext()
-            return autotune.override(autotune.Config(*opts["config"]))
+            forced = (autotune.override(autotune.Config(*opts["config"])) if "config" in opts
+                      else contextlib.nullcontext())
+            before = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(opts.get("deterministic", False))
+            try:
+                with forced:
+                    yield
+            finally:
+                torch.use_deterministic_algorithms(before)
 
         try:
             for t in (q, k, v):
@@ -381,6 +397,37 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+def compile_table(args, capability, deadline: float) -> list[dict]:
+    """gpu_compile.py's table for this card (registers, spills, shared memory, MMA kind of
+    every kernel and candidate the timed calls can use), compiled without launching, in a
+    child process (no CUDA context, no interpreter); with --smoke, its --quick plan."""
+    import subprocess
+    import tempfile
+
+    if args.smoke:
+        plan = ["--quick", "--jobs", "1"]
+    else:
+        arch = str(10 * capability[0] + capability[1])
+        if deadline - time.perf_counter() < 60:
+            print(f"\ncompile table: skipped for time (python benchmarks/gpu_compile.py "
+                  f"--arch {arch} prints it)")
+            return []
+        plan = ["--arch", arch, "--dims", *map(str, args.dims), "--dtypes", args.dtype,
+                "--bands", "full", "causal", "--jobs", str(min(os.cpu_count() or 1, 8))]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "compile.json"
+        print(f"\ncompile table (gpu_compile.py {' '.join(plan)}):", flush=True)
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("gpu_compile.py")),
+                               *plan, "--json", str(out)], env=env, capture_output=True,
+                              text=True)
+        print(proc.stdout, end="", flush=True)
+        if not out.is_file():
+            print(f"compile table failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+            return []
+        return json.loads(out.read_text())["rows"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
@@ -459,6 +506,9 @@ def main(argv=None) -> int:
         save()
 
     print_table(report["rows"], baseline)
+    if not args.no_compile_table:
+        report["compile"] = compile_table(args, report.get("capability"), deadline)
+        save()
     report["targets"] = targets(report["rows"])
     print("\ntargets (L >= 4k, vs SDPA flash in this run):")
     for line in report["targets"] or ["  none measured"]:

@@ -23,7 +23,7 @@ def test_triton_kernels_under_the_interpreter():
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(CASES), "-o", "addopts=", "-q", "-p",
          "no:cacheprovider", "--durations=3"],
-        cwd=CASES.parent.parent, env=env, capture_output=True, text=True, timeout=300,
+        cwd=CASES.parent.parent, env=env, capture_output=True, text=True, timeout=600,
     )
     report = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, f"triton cases failed under the interpreter:\n{report}"

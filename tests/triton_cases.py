@@ -245,3 +245,68 @@ def test_unsupported_dtype_device_and_weight_gradients():
     assert "return_weights=True with gradients" in be.unsupported(call)
     with torch.no_grad():
         assert be.unsupported(call) is None
+
+
+# ---- the backward's variants: fused dQ (atomics) or deterministic, GQA splits, split_d ----
+def grads(q, k, v, dout, **kw):
+    out = qkv.attention(q, k, v, backend="triton", **kw)
+    return torch.autograd.grad(out, (q, k, v), dout)
+
+
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (5, 1)])
+def test_gqa_heads_split_unevenly_over_programs(hq, hkv):
+    """Groups of 3 and 5 query heads split in two programs each (1+2, 2+3 heads), partial
+    dK/dV summed in float32; and the same with one program per group (no split)."""
+    from qkv.kernels.triton import bwd
+
+    q, k, v = rand_qkv(1, hq, hkv, 29, 41, 24, dtype=torch.float16, requires_grad=True)
+    assert bwd.split_heads(hq // hkv, 4, None) == 2
+    split = check(q, k, v, causal=True)
+    dout = torch.randn(split.shape, generator=torch.Generator().manual_seed(3)).half()
+    got = grads(q, k, v, dout, causal=True)
+    original = bwd.split_heads
+    bwd.split_heads = lambda groups, tiles, arch: 1
+    try:
+        serial = grads(q, k, v, dout, causal=True)
+    finally:
+        bwd.split_heads = original
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(qkv.attention(q64, k64, v64, causal=True, backend="reference"),
+                               (q64, k64, v64), dout.double())
+    for a, b, w in zip(got, serial, want, strict=True):
+        # Same sums in another order: both within float16 rounding of the exact gradient.
+        assert_lowp_rule(a, w, b)
+
+
+def test_deterministic_backward_is_reproducible_and_agrees():
+    """deterministic=True (dQ in its own pass) and torch.use_deterministic_algorithms both
+    give bitwise equal gradients run to run, within the rule of the oracle, and close to
+    the fused (atomic) backward's."""
+    q, k, v = rand_qkv(1, 2, 1, 29, 41, 24, dtype=torch.float16, requires_grad=True)
+    dout = torch.randn(1, 2, 29, 24, generator=torch.Generator().manual_seed(2)).half()
+    kw = dict(causal=True, window=(9, None))
+    fused = grads(q, k, v, dout, **kw)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = grads(q, k, v, dout, **kw)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    out, _ = triton_attention(q, k, v, scale=24 ** -0.5, left=9, right=0, deterministic=True)
+    direct = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(qkv.attention(q64, k64, v64, backend="reference", **kw),
+                               (q64, k64, v64), dout.double())
+    base = torch.autograd.grad(lowp_baseline(q, k, v, **kw), (q, k, v), dout)
+    for name, a, b, f, w, lo in zip("qkv", det, direct, fused, want, base, strict=True):
+        assert torch.equal(a, b)
+        assert_lowp_rule(a, w, lo, factor=3.0, what=f"d{name}")
+        assert_lowp_rule(f, w, lo, factor=3.0, what=f"d{name}")
+
+
+def test_head_dim_split_over_programs():
+    """split_d=2: two programs per key block, each with half of dK/dV's columns (40 pads to
+    64: the second half holds 8 real columns and 24 of padding)."""
+    q, k, v = rand_qkv(B, HQ, HKV, LQ, LK, 40, dtype=torch.float16, requires_grad=True)
+    with autotune.override(autotune.Config(16, 32, 1, 1, split_d=2)):
+        check(q, k, v, causal=True, mask=lengths_mask([50, 30]))

@@ -21,22 +21,27 @@ from dataclasses import dataclass
 
 import torch
 
+from . import offline
+
 log = logging.getLogger("qkv")
 
-__all__ = ["Config", "candidates", "choose", "override"]
+__all__ = ["Config", "arch_of", "candidates", "choose", "override"]
 
 
 @dataclass(frozen=True)
 class Config:
     """One launch configuration: the tile sizes and Triton's warps and pipeline stages.
 
-    ``block_m`` tiles the queries, ``block_n`` the keys, in every kernel.
+    ``block_m`` tiles the queries, ``block_n`` the keys, in every kernel. ``split_d`` (dK/dV
+    kernel only) shares each key block among that many programs, each with a slice of the
+    head dim's accumulators.
     """
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    split_d: int = 1
 
 
 #: The only config used by the interpreter unless :func:`override` says otherwise.
@@ -57,32 +62,62 @@ def override(config: Config) -> Iterator[None]:
         _forced = before
 
 
-def candidates(kernel: str, block_d: int, device: torch.device) -> list[Config]:
+def arch_of(device: torch.device) -> int | None:
+    """The compute capability the kernels are built for (90 for sm_90): the target of
+    :func:`offline.compiling` while it is on, else the CUDA device's; None = interpreter."""
+    recorder = offline.active()
+    if recorder is not None:
+        return recorder.arch
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def candidates(kernel: str, block_d: int, arch: int | None) -> list[Config]:
     """The configs worth trying for ``kernel`` ("fwd", "dkdv", "dq", "weights") at padded
-    head dim ``block_d`` on ``device``: Hopper-shaped first (128-row tiles, 8 warps, 2-3
-    stages), then smaller tiles for other GPUs and large heads. Three for the forward, two
-    for each backward kernel, so that the first calls of a shape compile only a few."""
+    head dim ``block_d`` on compute capability ``arch`` (90 = sm_90; None = the
+    interpreter): Hopper-shaped first, then smaller tiles. One to three per kernel, so that
+    the first calls of a shape compile only a few. Every candidate compiles for sm_90
+    without register spills and within shared memory, with Triton 3.6 and 3.9
+    (``benchmarks/gpu_compile.py`` checks; candidates that spilled were pruned)."""
     if _forced is not None:
         return [_forced]
-    if device.type != "cuda":
+    if arch is None:
         return [INTERPRETER_CONFIG]
-    major, _ = torch.cuda.get_device_capability(device)
-    hopper = major >= 9
+    hopper = arch >= 90
+    # Every list below compiles without spills on sm_90 with Triton 3.6 and 3.9 (bf16, causal
+    # and window bands); tiles that spilled on sm_90 in either version are left out there.
     if kernel == "fwd":  # queries resident (block_m), keys streamed (block_n)
         if block_d <= 64:
+            if hopper:  # 128x64 at 4 warps spills 4 B with Triton 3.6
+                return [Config(128, 128, 8, 3), Config(64, 64, 4, 3)]
             return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3)]
-        if block_d <= 128:
-            return [Config(128, 64, 8, 3), Config(128, 128, 8, 2 if hopper else 1),
-                    Config(64, 64, 4, 3)]
-        return [Config(64, 64, 4, 2), Config(128, 64, 8, 2)]
+        if block_d <= 128:  # 128x128 spills (sm_90: 4-144 B; sm_80: 784 B)
+            return [Config(128, 64, 8, 3), Config(64, 64, 4, 3)]
+        if hopper:  # D=256: 128x64 spills 36-68 B, 64x64 at 4 warps 100 B
+            return [Config(64, 64, 8, 2)]
+        return [Config(64, 64, 8, 2), Config(64, 32, 4, 2)]
     if kernel == "dkdv":  # keys resident (block_n), queries streamed (block_m)
-        if block_d <= 128:
-            return [Config(64, 128, 8, 2), Config(32, 128, 4, 3)]
-        return [Config(32, 64, 4, 2), Config(16, 64, 4, 2)]
-    if kernel == "dq":  # queries resident (block_m), keys streamed (block_n)
-        if block_d <= 128:
+        # The float32 dK + dV accumulators take 2 * block_n * D * 4 bytes of registers: at
+        # 8 warps, 128 keys x D=128 is 128 registers a thread, and a short query block
+        # (16-32) keeps the S, P, dP tiles beside them small. D=256 splits the columns
+        # over 4 programs (split_d) rather than spill. 4 warps spill with Triton 3.6.
+        if block_d <= 64:
+            return [Config(32, 128, 8, 2), Config(16, 128, 8, 3)]
+        if block_d <= 128:  # 3 stages spill 8 B at D=96 (fp16, window, Triton 3.6)
+            return [Config(16, 128, 8, 2)] if hopper else [Config(16, 128, 8, 2),
+                                                           Config(16, 128, 8, 3)]
+        if hopper:
+            return [Config(16, 128, 8, 2, split_d=4)]
+        return [Config(16, 64, 4, 2, split_d=4)]  # 188 KB of shared memory at 128 keys
+    if kernel == "dq":  # deterministic backward only; queries resident, keys streamed
+        if block_d <= 64:
             return [Config(128, 64, 8, 2), Config(128, 32, 4, 3)]
-        return [Config(64, 32, 4, 2), Config(64, 16, 4, 2)]
+        if block_d <= 128:  # 128x32/4 spills on sm_90, 128x64/8 2 KB on sm_80
+            return ([Config(128, 64, 8, 2), Config(64, 32, 4, 3)] if hopper
+                    else [Config(64, 32, 4, 3)])
+        return [Config(64, 32, 8, 2), Config(64, 16, 4, 2)]
     if kernel == "weights":  # memory-bound: one sane tile
         return [Config(64, 64, 4, 2) if block_d <= 128 else Config(32, 64, 4, 2)]
     raise ValueError(f"unknown kernel {kernel!r}; expected 'fwd', 'dkdv', 'dq' or 'weights'")
@@ -101,6 +136,11 @@ def choose(key: tuple, configs: list[Config], run: Callable[[Config], None]) -> 
     remembered under ``key``. The caller launches the winner itself afterwards.
     """
     if len(configs) == 1:
+        return configs[0]
+    recorder = offline.active()
+    if recorder is not None:  # compiling for a target: every candidate, no timing
+        for cfg in configs[:1] if recorder.first_only else configs:
+            run(cfg)
         return configs[0]
     if key in _best:
         return _best[key]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import offline
+
 
 @triton.jit
 def span(r0, r1, t_len, OFF, LEFT, RIGHT,
@@ -82,12 +84,27 @@ def visible(qi, kj, kv_len, OFF, LEFT, RIGHT,
 
 
 @triton.jit
+def at_row(base, row, stride_r):
+    """``base`` advanced to row ``row``, the offset computed in 64 bits.
+
+    ``row * stride`` passes 2**31 for long sequences in strided layouts ((B, L, H, D) views
+    with H * D = 4096 do at L = 512K; the weights' rows at Lq * Lk = 2**31), so whole-row
+    offsets are never int32 products. Offsets *inside* a tile (``arange(BLOCK) * stride``)
+    stay int32: they are below ``BLOCK * stride``.
+    """
+    return base + row.to(tl.int64) * stride_r
+
+
+@triton.jit
 def load_tile(base, rows, cols, stride_r, stride_c, n_rows,
               N_COLS: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """Load ``base[rows, cols]`` as a (len(rows), BLOCK_C) tile; 0 outside the tensor.
 
-    Columns past ``N_COLS`` (a head dim padded to a power of two) and, when ``CHECK_ROWS``,
-    rows at or past ``n_rows`` read as 0; nothing outside the tensor is touched.
+    ``base`` points at the tile's first row (:func:`at_row`) and ``rows`` counts from 0
+    (``tl.arange``), so ``rows * stride_r`` is small. Columns past ``N_COLS`` (a head dim
+    padded to a power of two) and, when ``CHECK_ROWS``, rows at or past ``n_rows`` (the
+    rows left in the tensor from the tile's first row; may be <= 0) read as 0; nothing
+    outside the tensor is touched.
     """
     ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
     if CHECK_ROWS:
@@ -107,7 +124,8 @@ def load_tile(base, rows, cols, stride_r, stride_c, n_rows,
 @triton.jit
 def store_tile(base, x, rows, cols, stride_r, stride_c, n_rows,
                N_COLS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Store the tile ``x`` to ``base[rows, cols]`` for rows < n_rows and cols < N_COLS."""
+    """Store the tile ``x`` to ``base[rows, cols]`` for rows < n_rows and cols < N_COLS
+    (``base`` at the tile's first row, ``rows`` from 0, as in :func:`load_tile`)."""
     ptrs = base + rows[:, None] * stride_r + cols[None, :] * stride_c
     if N_COLS != BLOCK_C:
         tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
@@ -128,6 +146,16 @@ def load_lse(base, rows, n_rows):
 
 # ---- the Python side ----------------------------------------------------------------------
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; inside :func:`qkv.kernels.triton.offline.compiling`
+    it compiles for that target instead (same arguments, so the same specialisation)."""
+    recorder = offline.active()
+    if recorder is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        recorder.compile(kernel, grid, args, kwargs)
 
 
 def block_dim(d: int) -> int:

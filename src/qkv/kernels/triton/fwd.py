@@ -15,7 +15,7 @@ When a new block raises the maximum from ``m`` to ``m'``, the old sums are resca
 
 Key blocks that the band (causal / window / key length) hides from the whole tile are never
 visited; blocks visible to every query of the tile run without any mask; only the blocks on
-the band's edges pay for the element-wise mask (:func:`qkv.backends.triton.common.span`).
+the band's edges pay for the element-wise mask (:func:`qkv.kernels.triton.common.span`).
 """
 
 from __future__ import annotations
@@ -25,45 +25,65 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .common import LOG2E, band_args, block_dim, load_tile, span, tile_and_head, visible
+from .common import (
+    LOG2E,
+    at_row,
+    band_args,
+    block_dim,
+    launch,
+    load_tile,
+    span,
+    store_tile,
+    tile_and_head,
+    visible,
+)
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, lo, hi, kv_len, qk_scale,
+def _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, lo, full_lo, full_hi, hi, kv_len, qk_scale,
                 stride_kn, stride_kk, stride_vn, stride_vk,
                 OFF, LEFT, RIGHT,
                 HEAD_DK: tl.constexpr, HEAD_DV: tl.constexpr,
                 BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr):
-    """Fold the key blocks ``[lo, hi)`` into the running (acc, l, m) of the query tile."""
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Fold the key blocks ``[lo, hi)`` into the running (acc, l, m) of the query tile.
+
+    Blocks in ``[full_lo, full_hi)`` are visible to every query of the tile and skip the
+    mask; the others (the band's edges: a window's left side, the causal diagonal, the end
+    of the keys) take a run-time branch that masks. One loop rather than three (edge,
+    middle, edge): each loop's state costs registers, and three spill at D=128.
+    """
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
+    rows = tl.arange(0, BLOCK_N)
+    # Pointers to the first block, then advanced by one block per step (an int32 step of
+    # BLOCK_N rows; the pointer itself is 64-bit).
+    Kb = at_row(K, lo, stride_kn)
+    Vb = at_row(V, lo, stride_vn)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(K, offs_n, offs_dk, stride_kn, stride_kk, kv_len,
-                      HEAD_DK, BLOCK_DK, MASKED)  # (BLOCK_N, BLOCK_DK)
-        s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) raw scores, fp32
-        if MASKED:
+        offs_n = start_n + rows
+        k = load_tile(Kb, rows, offs_dk, stride_kn, stride_kk, kv_len - start_n,
+                      HEAD_DK, BLOCK_DK, True)  # (BLOCK_N, BLOCK_DK)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) scores, log2 units
+        if (start_n < full_lo) | (start_n >= full_hi):  # an edge block: mask
             ok = visible(offs_m[:, None], offs_n[None, :], kv_len, OFF, LEFT, RIGHT,
                          HAS_LEFT, HAS_RIGHT)
-            s = tl.where(ok, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so
-            # that exp2(-inf - (-inf)) never makes a NaN.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_use[:, None])
-        else:
-            # qk_scale > 0, so the row max of the scaled scores is the scaled row max; the
-            # subtraction then fuses with the scaling.
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_use = m_new
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        # (The branch yields only s: Triton 3.6's software pipeliner fails on a branch
+        # that also carries the row max and P.)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so
+        # that exp2(-inf - (-inf)) never makes a NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)  # rescales the old sums (0 when m_i = -inf)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(V, offs_n, offs_dv, stride_vn, stride_vk, kv_len,
-                      HEAD_DV, BLOCK_DV, MASKED)  # (BLOCK_N, BLOCK_DV)
+        v = load_tile(Vb, rows, offs_dv, stride_vn, stride_vk, kv_len - start_n,
+                      HEAD_DV, BLOCK_DV, True)  # (BLOCK_N, BLOCK_DV)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # (BLOCK_M, BLOCK_DV)
         m_i = m_new
+        Kb += BLOCK_N * stride_kn
+        Vb += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -93,37 +113,27 @@ def _fwd_kernel(Q, K, V, O, LSE, LENGTHS,
     LSE += pid_bh.to(tl.int64) * LQ
 
     m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    q = load_tile(Q, offs_m, tl.arange(0, BLOCK_DK), stride_qm, stride_qk, LQ,
-                  HEAD_DK, BLOCK_DK, True)  # (BLOCK_M, BLOCK_DK), resident
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rows
+    q = load_tile(at_row(Q, m0, stride_qm), rows, tl.arange(0, BLOCK_DK), stride_qm, stride_qk,
+                  LQ - m0, HEAD_DK, BLOCK_DK, True)  # (BLOCK_M, BLOCK_DK), resident
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     start, full_lo, full_hi, end = span(m0, tl.minimum(m0 + BLOCK_M, LQ), kv_len,
                                         OFF, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    # Left edge of a window (masked), the fully visible middle (no mask), then the right
-    # edge: the causal diagonal, the end of the keys.
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, start, full_lo, kv_len,
-                                qk_scale, stride_kn, stride_kk, stride_vn, stride_vk,
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, start, full_lo, full_hi, end,
+                                kv_len, qk_scale, stride_kn, stride_kk, stride_vn, stride_vk,
                                 OFF, LEFT, RIGHT, HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV,
-                                BLOCK_N, HAS_LEFT, HAS_RIGHT, True)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, full_lo, full_hi, kv_len,
-                                qk_scale, stride_kn, stride_kk, stride_vn, stride_vk,
-                                OFF, LEFT, RIGHT, HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV,
-                                BLOCK_N, HAS_LEFT, HAS_RIGHT, False)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, offs_m, full_hi, end, kv_len,
-                                qk_scale, stride_kn, stride_kk, stride_vn, stride_vk,
-                                OFF, LEFT, RIGHT, HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV,
-                                BLOCK_N, HAS_LEFT, HAS_RIGHT, True)
+                                BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
     seen = l_i > 0.0  # False for a row that sees no key: output 0, lse -inf
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     tl.store(LSE + offs_m, lse, mask=offs_m < LQ)
-    ptrs = O + offs_m[:, None] * stride_om + tl.arange(0, BLOCK_DV)[None, :] * stride_ok
-    tl.store(ptrs, out.to(O.dtype.element_ty),
-             mask=(offs_m[:, None] < LQ) & (tl.arange(0, BLOCK_DV)[None, :] < HEAD_DV))
+    store_tile(at_row(O, m0, stride_om), out.to(O.dtype.element_ty), rows,
+               tl.arange(0, BLOCK_DV), stride_om, stride_ok, LQ - m0, HEAD_DV, BLOCK_DV)
 
 
 def forward(q, k, v, lengths, scale: float, left: int | None, right: int | None):
@@ -151,7 +161,7 @@ def forward(q, k, v, lengths, scale: float, left: int | None, right: int | None)
 
     def run(cfg: autotune.Config) -> None:
         grid = (triton.cdiv(lq, cfg.block_m) * b * hq,)
-        _fwd_kernel[grid](
+        launch(_fwd_kernel, grid,
             q, k, v, out, lse, lengths if lengths is not None else lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             hq, lq, lk, scale * LOG2E, band["OFF"], band["LEFT"], band["RIGHT"],
@@ -162,7 +172,8 @@ def forward(q, k, v, lengths, scale: float, left: int | None, right: int | None)
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
+    arch = autotune.arch_of(q.device)
     key = ("fwd", str(q.device), q.dtype, dk, dv, band["HAS_LEFT"], band["HAS_RIGHT"],
            autotune.bucket(lq), autotune.bucket(lk), autotune.bucket(b * hq))
-    run(autotune.choose(key, autotune.candidates("fwd", max(bdk, bdv), q.device), run))
+    run(autotune.choose(key, autotune.candidates("fwd", max(bdk, bdv), arch), run))
     return out, lse

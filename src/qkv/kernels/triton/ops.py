@@ -39,14 +39,14 @@ def _(q, k, v, lengths, scale, left, right):
 @torch.library.custom_op(
     "qkv::triton_attention_bwd", mutates_args=(),
     schema=("(Tensor do, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? lengths, "
-            f"{_BAND}) -> (Tensor, Tensor, Tensor)"),
+            f"{_BAND}, bool deterministic) -> (Tensor, Tensor, Tensor)"),
 )
-def _bwd_op(do, q, k, v, out, lse, lengths, scale, left, right):
-    return backward(do, q, k, v, out, lse, lengths, scale, left, right)
+def _bwd_op(do, q, k, v, out, lse, lengths, scale, left, right, deterministic):
+    return backward(do, q, k, v, out, lse, lengths, scale, left, right, deterministic)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, out, lse, lengths, scale, left, right):
+def _(do, q, k, v, out, lse, lengths, scale, left, right, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -65,10 +65,11 @@ def _(q, k, lse, lengths, scale, left, right):
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lengths, scale, left, right):
+    def forward(ctx, q, k, v, lengths, scale, left, right, deterministic):
         out, lse = _fwd_op(q, k, v, lengths, scale, left, right)
         ctx.save_for_backward(q, k, v, out, lse, lengths)
         ctx.band = (scale, left, right)
+        ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -76,8 +77,9 @@ class _TritonAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, lengths = ctx.saved_tensors
-        dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, lengths, *ctx.band)
-        return dq, dk, dv, None, None, None, None
+        deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
+        dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, lengths, *ctx.band, deterministic)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def triton_attention(
@@ -89,6 +91,7 @@ def triton_attention(
     left: int | None = None,
     right: int | None = None,
     lengths: Tensor | None = None,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Fused attention in canonical form, differentiable in q, k and v.
 
@@ -99,13 +102,15 @@ def triton_attention(
         left, right: the band, bottom-right aligned: query ``i`` sees key ``j`` iff
             ``-left <= j - (i + Lk - Lq) <= right``; None = unbounded; causal is ``right=0``.
         lengths: int32 (B,): key ``j`` of batch row ``b`` is hidden iff ``j >= lengths[b]``.
+        deterministic: a bitwise reproducible backward (dQ in its own pass instead of float32
+            atomics); also on whenever ``torch.use_deterministic_algorithms(True)`` is.
 
     Returns:
         ``out (B, Hq, Lq, Dv)`` in q's dtype (0 for a query that sees no key) and the
         log-sum-exp ``lse (B, Hq, Lq)`` float32 in log2 units (``-inf`` for such a query),
         which carries no gradient.
     """
-    return _TritonAttention.apply(q, k, v, lengths, scale, left, right)
+    return _TritonAttention.apply(q, k, v, lengths, scale, left, right, deterministic)
 
 
 def triton_attention_weights(q, k, lse, *, scale, left=None, right=None, lengths=None):

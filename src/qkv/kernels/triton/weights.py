@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import autotune
-from .common import LOG2E, band_args, block_dim, load_lse, load_tile, visible
+from .common import LOG2E, at_row, band_args, block_dim, launch, load_lse, load_tile, visible
 
 
 @triton.jit(do_not_specialize=["H", "LQ", "LK", "OFF", "LEFT", "RIGHT", "GROUPS"])
@@ -38,22 +38,31 @@ def _weights_kernel(Q, K, LSE, W, LENGTHS,
     h = pid_bh % H
     kvh = h // GROUPS
     kv_len = tl.minimum(tl.load(LENGTHS + b), LK) if HAS_LENGTHS else LK
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    rows_m = tl.arange(0, BLOCK_M)
+    rows_n = tl.arange(0, BLOCK_N)
+    offs_m = m0 + rows_m
+    offs_n = n0 + rows_n
     offs_d = tl.arange(0, BLOCK_DK)
-    q = load_tile(Q + b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh, offs_m, offs_d,
-                  stride_qm, stride_qk, LQ, HEAD_DK, BLOCK_DK, True)  # (BLOCK_M, BLOCK_DK)
-    k = load_tile(K + b.to(tl.int64) * stride_kz + kvh.to(tl.int64) * stride_kh, offs_n,
-                  offs_d, stride_kn, stride_kk, kv_len, HEAD_DK, BLOCK_DK, True)
+    Q += b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kz + kvh.to(tl.int64) * stride_kh
+    q = load_tile(at_row(Q, m0, stride_qm), rows_m, offs_d, stride_qm, stride_qk, LQ - m0,
+                  HEAD_DK, BLOCK_DK, True)  # (BLOCK_M, BLOCK_DK)
+    k = load_tile(at_row(K, n0, stride_kn), rows_n, offs_d, stride_kn, stride_kk,
+                  kv_len - n0, HEAD_DK, BLOCK_DK, True)  # (BLOCK_N, BLOCK_DK)
     lse = load_lse(LSE + pid_bh.to(tl.int64) * LQ, offs_m, LQ)  # (BLOCK_M,)
     s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
     p = tl.math.exp2(s * qk_scale - lse[:, None])
     ok = visible(offs_m[:, None], offs_n[None, :], kv_len, OFF, LEFT, RIGHT,
                  HAS_LEFT, HAS_RIGHT)
     p = tl.where(ok, p, 0.0)
-    ptrs = (W + b.to(tl.int64) * stride_wz + h.to(tl.int64) * stride_wh
-            + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn)
-    tl.store(ptrs, p.to(W.dtype.element_ty), mask=(offs_m[:, None] < LQ) & (offs_n[None, :] < LK))
+    # The tile's corner in 64 bits (m0 * Lk passes 2**31 for large maps), then small offsets.
+    W += (b.to(tl.int64) * stride_wz + h.to(tl.int64) * stride_wh
+          + m0.to(tl.int64) * stride_wm + n0.to(tl.int64) * stride_wn)
+    ptrs = W + rows_m[:, None] * stride_wm + rows_n[None, :] * stride_wn
+    tl.store(ptrs, p.to(W.dtype.element_ty),
+             mask=(rows_m[:, None] < LQ - m0) & (rows_n[None, :] < LK - n0))
 
 
 def attention_weights(q, k, lse, lengths, scale: float, left: int | None,
@@ -67,9 +76,9 @@ def attention_weights(q, k, lse, lengths, scale: float, left: int | None,
         return w
     bdk = block_dim(dk)
     band = band_args(lq, lk, left, right)
-    cfg = autotune.candidates("weights", bdk, q.device)[0]
+    cfg = autotune.candidates("weights", bdk, autotune.arch_of(q.device))[0]
     grid = (triton.cdiv(lq, cfg.block_m) * triton.cdiv(lk, cfg.block_n) * b * hq,)
-    _weights_kernel[grid](
+    launch(_weights_kernel, grid,
         q, k, lse, w, lengths if lengths is not None else lse,
         *q.stride(), *k.stride(), *w.stride(),
         hq, lq, lk, scale * LOG2E, band["OFF"], band["LEFT"], band["RIGHT"],
