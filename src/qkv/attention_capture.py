@@ -21,7 +21,6 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -103,6 +102,7 @@ class Capture:
         self.calls: list[AttentionCall] = []
         self.weights: list[Tensor | None] = []
         self._stack: list[str] = []
+        self._names: dict[int, str] = {}
         self._busy = 0
         self._undo: list = []
 
@@ -111,10 +111,14 @@ class Capture:
         if _active:
             raise RuntimeError("qkv.capture blocks cannot be nested; close the outer one first")
         if self.model is not None:
+            # Global module hooks, not per-module ones: PyTorch's fused encoder layer
+            # leaves its fast path when its submodules carry hooks.
+            self._names = {id(mod): name for name, mod in self.model.named_modules()}
+            self._undo.append(nn.modules.module.register_module_forward_pre_hook(
+                self._push).remove)
+            self._undo.append(nn.modules.module.register_module_forward_hook(
+                self._pop, always_call=True).remove)
             for name, mod in self.model.named_modules():
-                self._undo.append(mod.register_forward_pre_hook(self._push(name)).remove)
-                self._undo.append(
-                    mod.register_forward_hook(self._pop, always_call=True).remove)
                 if type(mod).forward in _WRAPPED:
                     self._wrap(mod, name, _WRAPPED[type(mod).forward])
         mode = _SDPAMode(self)
@@ -130,13 +134,13 @@ class Capture:
         while self._undo:
             self._undo.pop()()
 
-    def _push(self, name: str):
-        def hook(_mod, _args):
+    def _push(self, mod, _args):
+        name = self._names.get(id(mod))
+        if name is not None:
             self._stack.append(name)
-        return hook
 
-    def _pop(self, _mod, _args, _out):
-        if self._stack:
+    def _pop(self, mod, _args, _out):
+        if id(mod) in self._names and self._stack:
             self._stack.pop()
 
     def _wrap(self, mod: nn.Module, name: str, record) -> None:
@@ -405,16 +409,15 @@ def _record_encoder_layer(cap: Capture, mod: nn.TransformerEncoderLayer, name: s
     if cap._seen_mha:  # the slow path ran self_attn, which recorded itself
         return
     a = bound.arguments
-    src = a["src"]
-    if src.is_nested:
-        warnings.warn(f"qkv.capture: {name or 'the model'} ran on a nested tensor; its "
-                      "attention is not recorded", stacklevel=3)
-        return
+    src, kpm = a["src"], a.get("src_key_padding_mask")
     with torch.no_grad(), torch._C.DisableTorchFunction():
+        if src.is_nested:  # nn.TransformerEncoder packed the padded batch: unpack it
+            lengths = torch.tensor([t.shape[0] for t in src.unbind()], device=src.device)
+            src = src.to_padded_tensor(0.0)  # (B, Lmax, E)
+            kpm = torch.arange(src.shape[1], device=src.device)[None] >= lengths[:, None]
         x = mod.norm1(src) if mod.norm_first else src
     _record_mha(cap, mod.self_attn, f"{name}.self_attn" if name else "self_attn",
-                _bind(mod.self_attn, x, x, x, key_padding_mask=a.get("src_key_padding_mask"),
-                      attn_mask=a.get("src_mask")))
+                _bind(mod.self_attn, x, x, x, key_padding_mask=kpm, attn_mask=a.get("src_mask")))
 
 
 def _record_nothing(cap: Capture, mod, name, bound) -> None:
