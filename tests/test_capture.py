@@ -353,7 +353,7 @@ def test_hand_written_attention_is_not_seen():
 
 # ---- errors and clean-up -------------------------------------------------------------------------
 def test_bad_arguments_are_refused_with_what_to_do():
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         qkv.capture("model")
     with pytest.raises(TypeError, match="layers must hold"):
         qkv.capture(layers=[1.5])
