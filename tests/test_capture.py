@@ -405,3 +405,18 @@ def test_transformer_encoder_on_its_nested_tensor_path():
     assert w.shape == (2, 4, 7, 7)
     assert (w[0] - want[0, :, :7, :7]).abs().max() <= 1e-5
     assert (w[1, :, :6] - want[1, :, :6, :7]).abs().max() <= 1e-5  # the real rows
+
+
+@pytest.mark.parametrize("slab", [1, 300, 1 << 20])
+@pytest.mark.parametrize("name", ["bool_mask", "float_mask", "gqa", "causal_lq_gt_lk"])
+def test_direct_weights_do_not_depend_on_the_slab_size(monkeypatch, name, slab):
+    """One row of one head at a time, a few rows, or many heads at once: same weights."""
+    from qkv import capture_weights
+
+    q, k, v, kw = make_case(**CASES[name])
+    monkeypatch.setattr(capture_weights, "SLAB_ELEMENTS", slab)
+    with qkv.capture() as cap:
+        F.scaled_dot_product_attention(q, k, v, **kw)
+    want = sdpa_oracle(q, k, mask=kw.get("attn_mask"), is_causal=kw.get("is_causal", False),
+                       scale=kw.get("scale"))
+    assert (cap.weights[0].double() - want).abs().max() <= 1e-5

@@ -2,10 +2,11 @@
 
 :func:`selected_weights` takes the queries and keys of one attention call as the model
 made them, selects the heads and query rows to keep *before* any score is computed, and
-computes ``softmax(q @ k^T * scale + mask)`` for those with :func:`qkv.attention`
-(``return_weights=True``): the reference backend when the result is small, the chunked
-backend above :data:`MEMORY_BUDGET` (blocks of scores written straight into the kept
-tensor from each row's log-sum-exp). So memory is the kept weights plus one block.
+computes ``softmax(q @ k^T * scale + mask)`` for those, with the semantics of
+:func:`qkv.attention` (``return_weights=True``): at once when the result is small, and
+above :data:`MEMORY_BUDGET` with the chunked backend (blocks of scores written straight
+into the kept tensor from each row's log-sum-exp), so memory is then the kept weights plus
+one block.
 
 Which keys a query sees is given as a *band*: query ``p`` (its row in the call) may see key
 ``j`` iff ``p + lo <= j <= p + hi`` (``None`` = unbounded). PyTorch's ``is_causal`` is the
@@ -21,8 +22,8 @@ from torch import Tensor
 
 __all__ = ["MEMORY_BUDGET", "Band", "band_rows", "normalize_index", "selected_weights"]
 
-#: Above this many bytes of temporaries (about 6x the kept weights) the weights are computed
-#: by the chunked backend, block by block, instead of all at once.
+#: Above this many bytes of temporaries (3x the kept weights: scores, weights, the band)
+#: the weights are computed by the chunked backend, block by block, instead of at once.
 MEMORY_BUDGET: int = 256 << 20
 
 Band = tuple[int | None, int | None]  # (lo, hi): query p sees keys p+lo .. p+hi
@@ -127,18 +128,75 @@ def selected_weights(q: Tensor, k: Tensor, *, mask: Tensor | None, band: Band,
         mask = mask.to(ct)
     nb, nh, nq = q.shape[0], q.shape[1], q.shape[2]
     kept = nb * nh * nq * keep_lk * 4
-    backend = "reference" if 6 * kept <= (MEMORY_BUDGET if budget is None else budget) else (
-        "chunked")
     if nq == 0 or keep_lk == 0 or nh == 0:
         w = q.new_zeros(nb, nh, nq, keep_lk)
-    else:
+    elif 3 * kept <= (MEMORY_BUDGET if budget is None else budget):
+        if window is not None:  # the band as a (Lq, Lk) bool, shared by every head
+            rows = torch.arange(nq, device=q.device)
+            mask = _and(mask, band_rows(rows, keep_lk, band))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small operations: a barrier each would cost more
+        try:
+            w = _direct(q, k, mask, float(scale))
+        finally:
+            torch.set_num_threads(threads)
+    else:  # block by block, from each row's log-sum-exp: only the kept weights are L x L
         v = k[..., :1]  # (B, h, Lk, 1): the output is not wanted, only the weights
         _, w = attention(q, k, v, mask=mask, window=window, scale=float(scale),
-                         return_weights=True, backend=backend)  # (B, h, n, Lk')
+                         return_weights=True, backend="chunked")  # (B, h, n, Lk')
     w = w.to(torch.float32)
     if keep_lk < lk:
         w = torch.nn.functional.pad(w, (0, lk - keep_lk))  # (B, h, n, Lk)
     return w
+
+
+#: Elements of scores computed and normalised at a time by the direct path on CPU: a slab
+#: of this size stays in cache between the matrix product that writes it and the softmax
+#: (about twice as fast as one product and one softmax over everything).
+SLAB_ELEMENTS: int = 1 << 17
+
+
+def _direct(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """``softmax(q @ k^T * scale + mask)`` into one new tensor, slab by slab (a few heads,
+    or a few rows of one head) so each slab is normalised while it is in cache; rows that
+    see no key are 0."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    out = torch.empty(b * hq, lq, lk, dtype=q.dtype, device=q.device)  # (B*Hq, Lq, Lk)
+    qs = (q * scale).reshape(b * hq, lq, d)  # (B*Hq, Lq, D)
+    kt = k.transpose(-1, -2).reshape(b * hkv, d, lk)  # (B*Hkv, D, Lk)
+    slab = SLAB_ELEMENTS if q.device.type == "cpu" else b * hq * lq * lk  # GPU: one go
+    heads = max(1, slab // max(1, lq * lk)) if lq * lk <= slab else 1
+    rows = lq if heads > 1 else max(1, min(lq, slab // lk))
+    for h0 in range(0, b * hq, heads):
+        h1 = min(b * hq, h0 + heads)
+        bh = torch.arange(h0, h1, device=q.device)  # flat (batch, head) indices
+        kv = (bh // hq) * hkv + (bh % hq) // g  # their key heads
+        kb = kt[h0 // hq * hkv + (h0 % hq) // g].unsqueeze(0) if h1 - h0 == 1 else kt[kv]
+        mb = None
+        if mask is not None:  # (n, Lq|1, Lk|1) rows of the mask for these heads
+            if mask.shape[0] == 1 and mask.shape[1] == 1:
+                mb = mask[0]  # (1, Lq|1, Lk|1), the same for every head
+            else:
+                mb = mask[(bh // hq) if mask.shape[0] > 1 else 0,
+                          (bh % hq) if mask.shape[1] > 1 else 0]
+        for r0 in range(0, lq, rows):
+            r1 = min(lq, r0 + rows)
+            o = out[h0:h1, r0:r1]  # (n, r, Lk), contiguous
+            torch.matmul(qs[h0:h1, r0:r1], kb, out=o)
+            if mb is None:
+                torch.ops.aten._softmax.out(o, -1, False, out=o)
+                continue
+            m = mb if mb.shape[1] == 1 else mb[:, r0:r1]
+            if m.dtype == torch.bool:
+                o.masked_fill_(~m, -math.inf)
+            else:
+                o.add_(m).masked_fill_(m == -math.inf, -math.inf)  # NaN keys stay hidden
+            empty = o.amax(dim=-1, keepdim=True) == -math.inf  # (n, r, 1): sees no key
+            torch.ops.aten._softmax.out(o, -1, False, out=o)
+            o.masked_fill_(empty, 0.0)
+    return out.view(b, hq, lq, lk)
 
 
 def _and(mask: Tensor | None, ok: Tensor) -> Tensor:
