@@ -77,7 +77,7 @@ def attend(path, text: str, pair: str | None = None, *, strict: bool = False,
     truncated with a warning, or refused with ``strict=True``.
     """
     from ..attention_capture import capture
-    from .bert import _words
+    from .bert_text import _words
 
     for name, t in (("text", text), ("pair", pair)):
         if t is not None and (not isinstance(t, str) or not t.strip()):
