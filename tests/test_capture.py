@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import qkv
 from qkv import functional
+from qkv.kernels import chunked
 
 from helpers import rand_qkv
 
@@ -162,7 +163,8 @@ class _Largest(TorchDispatchMode):
         return out
 
 
-def test_one_head_four_rows_of_a_long_causal_call_allocate_nothing_of_l_by_l():
+def test_one_head_four_rows_of_a_long_causal_call_allocate_nothing_of_l_by_l(monkeypatch):
+    monkeypatch.setattr(chunked, "WORKERS", 1)  # every op on this thread, where we watch
     length = 8192
     q, k, v = rand_qkv(1, 2, 2, length, length, 16, dtype=torch.float32, seed=3)
     with _Largest() as watch, qkv.capture(heads=[1], queries=[0, 100, 4000, -1]) as cap:
@@ -175,7 +177,8 @@ def test_one_head_four_rows_of_a_long_causal_call_allocate_nothing_of_l_by_l():
     assert (cap.weights[0].double() - want).abs().max() <= 1e-5
 
 
-def test_above_the_budget_only_the_kept_weights_are_l_by_l():
+def test_above_the_budget_only_the_kept_weights_are_l_by_l(monkeypatch):
+    monkeypatch.setattr(chunked, "WORKERS", 1)
     length = 1024
     q, k, v = rand_qkv(1, 2, 2, length, length, 16, dtype=torch.float32, seed=4)
     with _Largest(big=length * length * 4) as watch, qkv.capture(budget=1 << 20) as cap:
@@ -407,14 +410,16 @@ def test_transformer_encoder_on_its_nested_tensor_path():
     assert (w[1, :, :6] - want[1, :, :6, :7]).abs().max() <= 1e-5  # the real rows
 
 
-@pytest.mark.parametrize("slab", [1, 300, 1 << 20])
+@pytest.mark.parametrize(("slab", "threads"), [(1, 3), (300, 2), (1 << 20, 1)])
 @pytest.mark.parametrize("name", ["bool_mask", "float_mask", "gqa", "causal_lq_gt_lk"])
-def test_direct_weights_do_not_depend_on_the_slab_size(monkeypatch, name, slab):
-    """One row of one head at a time, a few rows, or many heads at once: same weights."""
+def test_direct_weights_do_not_depend_on_slabs_or_threads(monkeypatch, name, slab, threads):
+    """One row of one head at a time, a few rows, or many heads at once, on 1-3 threads:
+    the same weights."""
     from qkv import capture_weights
 
     q, k, v, kw = make_case(**CASES[name])
     monkeypatch.setattr(capture_weights, "SLAB_ELEMENTS", slab)
+    monkeypatch.setattr(chunked, "WORKERS", threads)
     with qkv.capture() as cap:
         F.scaled_dot_product_attention(q, k, v, **kw)
     want = sdpa_oracle(q, k, mask=kw.get("attn_mask"), is_causal=kw.get("is_causal", False),

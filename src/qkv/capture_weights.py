@@ -20,6 +20,8 @@ import math
 import torch
 from torch import Tensor
 
+from .kernels.chunked.threads import Queue, run_shares, workers
+
 __all__ = ["MEMORY_BUDGET", "Band", "band_rows", "normalize_index", "selected_weights"]
 
 #: Above this many bytes of temporaries (3x the kept weights: scores, weights, the band)
@@ -134,12 +136,7 @@ def selected_weights(q: Tensor, k: Tensor, *, mask: Tensor | None, band: Band,
         if window is not None:  # the band as a (Lq, Lk) bool, shared by every head
             rows = torch.arange(nq, device=q.device)
             mask = _and(mask, band_rows(rows, keep_lk, band))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small operations: a barrier each would cost more
-        try:
-            w = _direct(q, k, mask, float(scale))
-        finally:
-            torch.set_num_threads(threads)
+        w = _direct(q, k, mask, float(scale))
     else:  # block by block, from each row's log-sum-exp: only the kept weights are L x L
         v = k[..., :1]  # (B, h, Lk, 1): the output is not wanted, only the weights
         _, w = attention(q, k, v, mask=mask, window=window, scale=float(scale),
@@ -169,33 +166,41 @@ def _direct(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     slab = SLAB_ELEMENTS if q.device.type == "cpu" else b * hq * lq * lk  # GPU: one go
     heads = max(1, slab // max(1, lq * lk)) if lq * lk <= slab else 1
     rows = lq if heads > 1 else max(1, min(lq, slab // lk))
-    for h0 in range(0, b * hq, heads):
-        h1 = min(b * hq, h0 + heads)
-        bh = torch.arange(h0, h1, device=q.device)  # flat (batch, head) indices
-        kv = (bh // hq) * hkv + (bh % hq) // g  # their key heads
-        kb = kt[h0 // hq * hkv + (h0 % hq) // g].unsqueeze(0) if h1 - h0 == 1 else kt[kv]
-        mb = None
-        if mask is not None:  # (n, Lq|1, Lk|1) rows of the mask for these heads
-            if mask.shape[0] == 1 and mask.shape[1] == 1:
-                mb = mask[0]  # (1, Lq|1, Lk|1), the same for every head
-            else:
-                mb = mask[(bh // hq) if mask.shape[0] > 1 else 0,
-                          (bh % hq) if mask.shape[1] > 1 else 0]
-        for r0 in range(0, lq, rows):
-            r1 = min(lq, r0 + rows)
-            o = out[h0:h1, r0:r1]  # (n, r, Lk), contiguous
-            torch.matmul(qs[h0:h1, r0:r1], kb, out=o)
-            if mb is None:
-                torch.ops.aten._softmax.out(o, -1, False, out=o)
-                continue
-            m = mb if mb.shape[1] == 1 else mb[:, r0:r1]
-            if m.dtype == torch.bool:
-                o.masked_fill_(~m, -math.inf)
-            else:
-                o.add_(m).masked_fill_(m == -math.inf, -math.inf)  # NaN keys stay hidden
-            empty = o.amax(dim=-1, keepdim=True) == -math.inf  # (n, r, 1): sees no key
+    units = [(h0, min(b * hq, h0 + heads), r0, min(lq, r0 + rows))
+             for h0 in range(0, b * hq, heads) for r0 in range(0, lq, rows)]
+
+    def one(h0: int, h1: int, r0: int, r1: int) -> None:
+        o = out[h0:h1, r0:r1]  # (n, r, Lk), contiguous: this unit's own rows
+        if h1 - h0 == 1:
+            kb = kt[h0 // hq * hkv + (h0 % hq) // g].unsqueeze(0)  # (1, D, Lk)
+        else:
+            bh = torch.arange(h0, h1, device=q.device)  # flat (batch, head) indices
+            kb = kt[(bh // hq) * hkv + (bh % hq) // g]  # (n, D, Lk): their key heads
+        torch.matmul(qs[h0:h1, r0:r1], kb, out=o)
+        if mask is None:
             torch.ops.aten._softmax.out(o, -1, False, out=o)
-            o.masked_fill_(empty, 0.0)
+            return
+        if mask.shape[0] == 1 and mask.shape[1] == 1:
+            m = mask[0]  # (1, Lq|1, Lk|1), the same for every head
+        else:
+            bh = torch.arange(h0, h1, device=q.device)
+            m = mask[(bh // hq) if mask.shape[0] > 1 else 0,
+                     (bh % hq) if mask.shape[1] > 1 else 0]  # (n, Lq|1, Lk|1)
+        if m.shape[1] > 1:
+            m = m[:, r0:r1]
+        if m.dtype == torch.bool:
+            o.masked_fill_(~m, -math.inf)
+        else:
+            o.add_(m).masked_fill_(m == -math.inf, -math.inf)  # NaN keys stay hidden
+        empty = o.amax(dim=-1, keepdim=True) == -math.inf  # (n, r, 1): sees no key
+        torch.ops.aten._softmax.out(o, -1, False, out=o)
+        o.masked_fill_(empty, 0.0)
+
+    # On CPU the units go to qkv's worker threads, each running single-threaded
+    # operations (as the chunked backend does): each unit writes only its own rows.
+    queue = Queue(units)
+    n = min(len(units), workers(q.device))
+    run_shares([queue] * n, lambda _i, share: [one(*u) for u in share])
     return out.view(b, hq, lq, lk)
 
 
