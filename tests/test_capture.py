@@ -367,7 +367,7 @@ def test_bad_arguments_are_refused_with_what_to_do():
     q, k, v, _ = make_case(8, 8)
     with pytest.raises(ValueError, match="heads 7 is out of range"), qkv.capture(heads=[7]):
         F.scaled_dot_product_attention(q, k, v)
-    with pytest.raises(RuntimeError, match="nested"), qkv.capture(), qkv.capture():
+    with pytest.raises(ValueError, match="cannot be nested"), qkv.capture(), qkv.capture():
         pass
 
 

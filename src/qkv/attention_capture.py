@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -104,12 +105,14 @@ class Capture:
         self._stack: list[str] = []
         self._names: dict[int, str] = {}
         self._busy = 0
+        self._seen_mha = False  # set when a wrapped MultiheadAttention recorded itself
         self._undo: list = []
 
     # ---- the block ------------------------------------------------------------------------
     def __enter__(self) -> Capture:
         if _active:
-            raise RuntimeError("qkv.capture blocks cannot be nested; close the outer one first")
+            raise ValueError("qkv.capture blocks cannot be nested; close the outer one first "
+                             "(one block records every call made inside it)")
         if self.model is not None:
             # Global module hooks, not per-module ones: PyTorch's fused encoder layer
             # leaves its fast path when its submodules carry hooks.
@@ -197,6 +200,10 @@ class Capture:
                window=None, module: str | None = None) -> None:
         """Record one call: ``q (..., Hq, Lq, D)``, ``k (..., Hkv, Lk, D)``, a mask
         broadcastable to ``(..., Hq, Lq, Lk)`` (bool True = visible, or additive)."""
+        if q.is_nested or k.is_nested:
+            warnings.warn(f"qkv.capture: a {kind} call on nested tensors is not recorded",
+                          stacklevel=3)
+            return
         if q.dim() == 3:  # (B, L, D) as PyTorch's SDPA allows: one head
             q, k = q.unsqueeze(1), k.unsqueeze(1)
             mask = None if mask is None or mask.dim() < 3 else mask.unsqueeze(1)
