@@ -92,3 +92,11 @@ def test_missing_files_are_one_line_errors(capsys, dirs, tmp_path):
     code, _, err = run(capsys, "--model", str(tmp_path), TEXT)
     assert code == 2 and "missing tokenizer.json, model.safetensors" in err
     assert err.count("\n") == 1
+
+
+def test_without_transformers_the_error_says_how_to_install(capsys, dirs, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails
+    code, _, err = run(capsys, "--model", str(dirs["gpt2"]), TEXT)
+    assert code == 2 and "pip install qkv[hf]" in err and err.count("\n") == 1

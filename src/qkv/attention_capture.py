@@ -110,6 +110,13 @@ class Capture:
 
     # ---- the block ------------------------------------------------------------------------
     def __enter__(self) -> Capture:
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _start(self) -> Capture:
         if _active:
             raise ValueError("qkv.capture blocks cannot be nested; close the outer one first "
                              "(one block records every call made inside it)")
@@ -329,8 +336,10 @@ def capture(model: nn.Module | None = None, *, layers=None, heads=None, queries=
     """Record the attention weights of every attention call ``model`` makes in the block.
 
     Args:
-        model: the model whose submodules name the calls (``cap.calls[i].module``); None
-            records calls without names. Calls made outside ``model`` are recorded too.
+        model: the model whose submodules name the calls (``cap.calls[i].module``) and
+            whose ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` modules are
+            recorded; None records SDPA and qkv calls only, without names. SDPA and qkv
+            calls made outside ``model`` are recorded too.
         layers: which calls keep weights: None (all), call indices in order (ints), or
             module paths / ``fnmatch`` patterns (``"encoder.layer.1*"``); a mix is fine.
         heads: query heads to keep (ints, negative from the end), default all.

@@ -30,5 +30,8 @@ def attend(model: str, text: str, pair: str | None, *, strict: bool):
         hf_logging.set_verbosity_error()
     except ImportError:
         pass  # hf.attend says how to install transformers
-    maps = hf.attend(model, text, pair, strict=strict)
+    try:
+        maps = hf.attend(model, text, pair, strict=strict)
+    except ImportError as e:  # no transformers: a one-line error, not a traceback
+        raise ValueError(str(e)) from None
     return maps.get("cross") or maps["self"]
