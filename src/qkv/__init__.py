@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import reference_numpy
+from .attention_capture import capture
 from .functional import AttentionSteps, attention, explain
 from .kernels import names as _backend_names
 from .layers import KVCache, MultiHeadAttention
@@ -16,6 +17,7 @@ __all__ = [
     "MultiHeadAttention",
     "attention",
     "backends",
+    "capture",
     "causal_mask",
     "explain",
     "load_pretrained",

@@ -68,6 +68,20 @@ def attention(
     A query that can see no key gets output 0 and weight 0 (never NaN). Scores, softmax and
     accumulation run in float32 (float64 for float64 inputs).
     """
+    opts = dict(mask=mask, causal=causal, window=window, scale=scale, dropout=dropout,
+                return_weights=return_weights, backend=backend, generator=generator)
+    if _observers:  # qkv.capture is recording: it runs the call as is and keeps the weights
+        return _observers[-1](_attention, q, k, v, **opts)
+    return _attention(q, k, v, **opts)
+
+
+#: Set by :func:`qkv.capture` while it records: each is called as ``f(run, q, k, v, **opts)``
+#: and must return ``run(q, k, v, **opts)``.
+_observers: list = []
+
+
+def _attention(q, k, v, *, mask, causal, window, scale, dropout, return_weights, backend,
+               generator):
     call, batch_shape = prepare_call(
         q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout=dropout,
         return_weights=return_weights, generator=generator,

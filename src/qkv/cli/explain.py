@@ -51,7 +51,8 @@ def explain(
         help="A second sentence: explain the pair as BERT reads it, [SEP] between.")] = None,
     model: Annotated[str, typer.Option(
         "--model", help="all-MiniLM-L6-v2 or a directory with config.json, "
-                        "model.safetensors and tokenizer.json.")] = "all-MiniLM-L6-v2",
+                        "model.safetensors and tokenizer.json (BERT, or any Hugging Face "
+                        "model whose attention uses PyTorch's SDPA).")] = "all-MiniLM-L6-v2",
     strict: Annotated[bool, typer.Option(
         "--strict", help="Refuse text longer than the model's positions instead of "
                          "truncating it.")] = False,
@@ -82,15 +83,21 @@ def explain(
     # One text is too little work to share: on a busy 2-core machine a second thread
     # turns the 15-token forward from ~15 ms into ~0.5 s of waiting for each other.
     torch.set_num_threads(1)
-    net = load_pretrained(model)
+    from .explain_hf import attend, is_hf_dir
+
+    hf = is_hf_dir(model)  # any other Hugging Face model, run by transformers
+    net = None if hf else load_pretrained(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        base = net.attend(text, pair, strict=strict)
+        base = attend(model, text, pair, strict=strict) if hf else net.attend(
+            text, pair, strict=strict)
     for w in caught:
+        if hf and not issubclass(w.category, UserWarning):
+            continue  # transformers' deprecation notes are not about the user's input
         print(f"qkv: warning: {w.message}", file=sys.stderr)
     for name, val, n in (("--layer", layer, base.num_layers), ("--head", head, base.num_heads)):
         if val is not None and val >= n:
-            raise ValueError(f"{name} {val} is out of range: {net.name} has {n} "
+            raise ValueError(f"{name} {val} is out of range: {base.model} has {n} "
                              f"{name[2:]}s, numbered 0 to {n - 1}")
     if rollout:
         base = base.rollout()
