@@ -273,3 +273,27 @@ def _alignment_hits(name: str, tmp_path) -> float:
 def test_learned_alignment(name, tmp_path):
     """After a short run, output t attends most to input L-1-t (reverse) or t (copy)."""
     assert _alignment_hits(name, tmp_path) >= 0.9
+
+
+@pytest.mark.parametrize("alpha", [0.6, 2.0])
+def test_full_beam_with_length_penalty_finds_the_best_normalised_sequence(trained, alpha):
+    """Exhaustive as above, ranked by log p / ((5 + n) / 6) ** alpha (n tokens, EOS in)."""
+    v = 13
+    m = trained
+    src = random_src(v, [4])
+    best, score = m.beam_search(src, beam=v, max_len=2, length_penalty=alpha)
+    mem, mask = m.encode(src)
+    raw, norm = {}, {}
+    with torch.no_grad():
+        for a, b in itertools.product(range(v), repeat=2):
+            lp = torch.log_softmax(m.decode(torch.tensor([[1, a]]), mem, mask)[0][0], -1)
+            key, n = ((a, 0), 1) if a == 2 else ((a, b), 2)
+            raw[key] = lp[0, a].item() + (0.0 if a == 2 else lp[1, b].item())
+            norm[key] = raw[key] / ((5 + n) / 6) ** alpha
+    want = max(norm, key=norm.get)
+    assert tuple(best[0].tolist()) == want
+    assert score.item() == pytest.approx(raw[want], abs=1e-5)
+    plain, _ = m.beam_search(src, beam=3, max_len=12, length_penalty=0.0)
+    assert torch.equal(plain, m.beam_search(src, beam=3, max_len=12)[0])
+    with pytest.raises(ValueError, match="length_penalty"):
+        m.beam_search(src, beam=2, max_len=3, length_penalty=-1)

@@ -315,19 +315,25 @@ class Transformer(nn.Module):
         return tokens[:, 1:]
 
     @torch.no_grad()
-    def beam_search(self, src: Tensor, *, beam: int, max_len: int, use_cache: bool = True
-                    ) -> tuple[Tensor, Tensor]:
+    def beam_search(self, src: Tensor, *, beam: int, max_len: int, use_cache: bool = True,
+                    length_penalty: float = 0.0) -> tuple[Tensor, Tensor]:
         """Keep the ``beam`` most likely prefixes per source, by total log-probability.
 
         A finished beam (it produced ``eos_id``) stays in the beam with its score frozen,
         continued only by ``pad_id``; the search stops when every beam has finished or at
-        ``max_len``. No length penalty: every hypothesis is scored by the sum of its token
-        log-probabilities, so ``beam=1`` is greedy decoding.
+        ``max_len``. Hypotheses are ranked by ``log p / ((5 + n) / 6) ** length_penalty``
+        (GNMT's length penalty, ``n`` the tokens so far, EOS included); the default 0 ranks
+        by the sum of token log-probabilities, so ``beam=1`` is greedy decoding, and a
+        larger ``length_penalty`` favours longer outputs.
 
         Returns the best sequence per source ``(B, T)`` (as :meth:`greedy`) and its
         log-probability ``(B,)``.
         """
         self._check_decode_args(src, max_len)
+        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+                or not 0 <= length_penalty <= 10:
+            raise ValueError(f"length_penalty must be a number in [0, 10]; got "
+                             f"{length_penalty!r}")
         if isinstance(beam, bool) or not isinstance(beam, int) or not (
             1 <= beam <= self.config.vocab_size
         ):
@@ -344,6 +350,7 @@ class Transformer(nn.Module):
         scores = torch.full((b, k), float("-inf"), device=dev)  # (B, K)
         scores[:, 0] = 0.0  # all beams start equal: expand only the first
         done = torch.zeros(b * k, dtype=torch.bool, device=dev)  # (BK,)
+        lengths = torch.zeros(b * k, device=dev)  # (BK,) tokens of each beam, EOS included
         frozen = torch.full((cfg.vocab_size,), float("-inf"), device=dev)  # (V,)
         frozen[cfg.pad_id] = 0.0
         v = cfg.vocab_size
@@ -352,10 +359,17 @@ class Transformer(nn.Module):
             logp = torch.log_softmax(logits.float(), dim=-1)  # (BK, V)
             logp = torch.where(done[:, None], frozen, logp)  # (BK, V)
             cand = (scores.reshape(b * k, 1) + logp).reshape(b, k * v)  # (B, K*V)
-            scores, flat = cand.topk(k, dim=-1)  # (B, K) best first
+            if length_penalty:
+                n = (lengths + (~done).float()).reshape(b, k, 1)  # (B, K, 1)
+                norm = ((5.0 + n) / 6.0) ** length_penalty  # (B, K, 1)
+                _, flat = (cand.reshape(b, k, v) / norm).reshape(b, k * v).topk(k, dim=-1)
+                scores = cand.gather(1, flat)  # (B, K) raw log-probabilities
+            else:
+                scores, flat = cand.topk(k, dim=-1)  # (B, K) best first
             rows = (torch.arange(b, device=dev)[:, None] * k + flat // v).reshape(-1)  # (BK,)
             nxt = (flat % v).reshape(-1)  # (BK,)
             tokens = torch.cat([tokens[rows], nxt[:, None]], dim=1)  # (BK, T+1)
+            lengths = lengths[rows] + (~done[rows]).float()
             done = done[rows] | (nxt == cfg.eos_id)
             if state is not None:
                 state.reorder(rows)
