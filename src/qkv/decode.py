@@ -17,7 +17,7 @@ import torch
 from .attention_map import AttentionMap
 from .checkpoint import load_weights, read_checkpoint
 from .models.seq2seq import Transformer
-from .tasks import CharTokenizer
+from .tasks import CharTokenizer, SubwordTokenizer, load_tokenizer
 from .train import TrainConfig, build_model, resolve_device
 
 __all__ = ["Run", "Translation", "display_char", "load_run", "translate"]
@@ -28,7 +28,7 @@ class Run:
     """A model ready to use, with what is needed to feed it."""
 
     model: Transformer
-    tokenizer: CharTokenizer
+    tokenizer: CharTokenizer | SubwordTokenizer
     config: TrainConfig
     step: int
     state: dict
@@ -43,7 +43,7 @@ def load_run(run: Path | str, *, device: str = "cpu") -> Run:
     ck = read_checkpoint(Path(run))
     try:
         cfg = TrainConfig.from_dict(ck.state["config"])
-        tok = CharTokenizer.from_dict(ck.state["tokenizer"])
+        tok = load_tokenizer(ck.state["tokenizer"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {ck.path} is incompatible: its state.json lacks {e}") \
             from None

@@ -43,7 +43,7 @@ from .checkpoint import (
 )
 from .distributed.ddp import DataParallel
 from .models.seq2seq import Transformer, TransformerConfig
-from .tasks import BOS, EOS, PAD, CharTokenizer, Task, get_task
+from .tasks import BOS, EOS, PAD, CharTokenizer, Task, get_task, load_tokenizer
 
 __all__ = [
     "TrainConfig",
@@ -303,7 +303,7 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
         device = par.device
     task: Task = get_task(cfg.task, **cfg.task_options)
     if ck is not None:
-        tok = CharTokenizer.from_dict(ck.state["tokenizer"])
+        tok = load_tokenizer(ck.state["tokenizer"])
         if tok != task.tokenizer():
             raise ValueError(f"cannot resume {out}: the task's vocabulary differs from the "
                              "checkpoint's (different qkv or Babel version?)")

@@ -1,4 +1,4 @@
-"""The ``qkv`` command line: ``qkv demo | explain | train | translate | bench``.
+"""The ``qkv`` command line: ``qkv demo | explain | train | translate | summarize``.
 
 Each command lives in its own module and registers itself on :data:`app`; heavy imports
 (torch, models) happen inside the commands so ``qkv --help`` stays fast. Bad input
@@ -13,7 +13,7 @@ import os
 import sys
 
 # Importing a command module registers its command on `app`.
-from . import demo, explain, train  # noqa: F401  (qkv demo, explain, train + translate)
+from . import demo, explain, summarize, train  # noqa: F401  (qkv demo, explain, summarize, train)
 from .app import UsageError, app, fail
 from .flags import to_flags
 

@@ -108,6 +108,12 @@ class SubwordTokenizer:
         text = self._tok.decode([i], skip_special_tokens=False)
         return text.strip() or repr(text)
 
+    def pieces(self, ids: Iterable[int]) -> tuple[list[str], list[bool]]:
+        """Display strings of ``ids`` (spaces taken off, a lone space shown as ``␣``) and,
+        for each, whether it starts a word (its text begins with a space)."""
+        raw = [self._tok.decode([int(i)], skip_special_tokens=False) for i in ids]
+        return [r.strip() or "␣" for r in raw], [r.startswith(" ") for r in raw]
+
     def batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False) -> Tensor:
         """Encode and right-pad with PAD: a ``(B, L)`` int64 tensor, ``L`` the longest row."""
         rows = [([BOS] if bos else []) + ids + ([EOS] if eos else [])

@@ -95,7 +95,7 @@ def _build(*, vocab_size: int, max_source_tokens: int, max_target_tokens: int,
     return SummaryCorpus(splits=splits, tokenizer=tok, manifest=manifest)
 
 
-def load_corpus(*, vocab_size: int = 8000, max_source_tokens: int = 128,
+def load_corpus(*, vocab_size: int = 8000, max_source_tokens: int = 64,
                 max_target_tokens: int = 40, modules: list[str] | None = None,
                 cache: bool = True, workers: int = 2) -> SummaryCorpus:
     """The summarization corpus, from the cache when this environment built it before.
@@ -144,7 +144,7 @@ class SummarizeTask(Task):
     name: ClassVar[str] = "summarize"
     splits: ClassVar[tuple[str, ...]] = SPLITS
 
-    def __init__(self, *, vocab_size: int = 8000, max_source_tokens: int = 128,
+    def __init__(self, *, vocab_size: int = 8000, max_source_tokens: int = 64,
                  max_target_tokens: int = 40, modules: list[str] | None = None,
                  train_pairs: int | None = None) -> None:
         for name, v, lo in (("vocab_size", vocab_size, 260),
