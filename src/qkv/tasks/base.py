@@ -35,6 +35,10 @@ class Task(ABC):
 
     name: ClassVar[str]
     splits: ClassVar[tuple[str, ...]] = ("train", "valid")
+    #: Options a new run saves explicitly (so later changes of the defaults keep old runs).
+    default_options: ClassVar[dict] = {}
+    #: Training settings of ``qkv train TASK`` that differ from the general defaults.
+    train_defaults: ClassVar[dict] = {}
 
     @abstractmethod
     def options(self) -> dict:
