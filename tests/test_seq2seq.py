@@ -297,3 +297,18 @@ def test_full_beam_with_length_penalty_finds_the_best_normalised_sequence(traine
     assert torch.equal(plain, m.beam_search(src, beam=3, max_len=12)[0])
     with pytest.raises(ValueError, match="length_penalty"):
         m.beam_search(src, beam=2, max_len=3, length_penalty=-1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_beam_search_without_repeated_ngrams(trained, n):
+    m = trained
+    src = random_src(13, [5, 8, 2, 6], seed=4)
+    best, _ = m.beam_search(src, beam=3, max_len=12, no_repeat_ngram=n)
+    for row in best.tolist():
+        toks = [t for t in row if t not in (0, 2)]
+        grams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
+        assert len(grams) == len(set(grams)), (n, toks)
+    assert torch.equal(m.beam_search(src, beam=3, max_len=12, no_repeat_ngram=0)[0],
+                       m.beam_search(src, beam=3, max_len=12)[0])
+    with pytest.raises(ValueError, match="no_repeat_ngram"):
+        m.beam_search(src, beam=3, max_len=12, no_repeat_ngram=-1)

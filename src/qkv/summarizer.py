@@ -3,10 +3,10 @@
 :func:`summarize_code` finds every function of a piece of Python source (or one, by
 name), reads each as the model was trained to read code (docstring removed, identifiers
 split, cut to the run's ``max_source_tokens`` subwords) and writes its summary with beam
-search and a length penalty. Each :class:`Summary` carries the cross-attention of the
-decoder as an :class:`~qkv.AttentionMap` whose rows are the summary's subwords and columns
-the code's subwords, with word spans on both sides (``.merge_words()`` gives summary words
-x code words).
+search, a length penalty and no repeated token trigram. Each :class:`Summary` carries the
+cross-attention of the decoder as an :class:`~qkv.AttentionMap` whose rows are the
+summary's subwords and columns the code's subwords, with word spans on both sides
+(``.merge_words()`` gives summary words x code words).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from .tasks.summarize import truncate_source
 
 __all__ = ["Summary", "check_summarize_run", "summarize_code", "summarize_sources"]
 
-#: Decoding defaults of ``qkv summarize`` and the benchmark.
-BEAM, LENGTH_PENALTY = 4, 0.6
+#: Decoding defaults of ``qkv summarize`` and the benchmark: beam width, GNMT length
+#: penalty, and no repeated token trigram (small models otherwise loop: "a new new new").
+BEAM, LENGTH_PENALTY, NO_REPEAT_NGRAM = 4, 0.6, 3
 
 
 @dataclass
@@ -50,17 +51,20 @@ def _max_source(run) -> int:
     return int(run.config.task_options.get("max_source_tokens", 64))
 
 
-def _decode(run, src: torch.Tensor, *, beam: int, length_penalty: float) -> torch.Tensor:
+def _decode(run, src: torch.Tensor, *, beam: int, length_penalty: float,
+            no_repeat_ngram: int) -> torch.Tensor:
     max_len = int(run.state.get("max_target_len", 40)) + 1
-    if beam == 1:
+    if beam == 1 and not no_repeat_ngram:
         return run.model.greedy(src, max_len=max_len)  # (B, T)
     return run.model.beam_search(src, beam=beam, max_len=max_len,
-                                 length_penalty=length_penalty)[0]  # (B, T)
+                                 length_penalty=length_penalty,
+                                 no_repeat_ngram=no_repeat_ngram)[0]  # (B, T)
 
 
 @torch.no_grad()
 def summarize_sources(run, sources: Sequence[str], *, beam: int = BEAM,
-                      length_penalty: float = LENGTH_PENALTY, batch_size: int = 64
+                      length_penalty: float = LENGTH_PENALTY,
+                      no_repeat_ngram: int = NO_REPEAT_NGRAM, batch_size: int = 64
                       ) -> list[str]:
     """Summaries of already prepared sources (code words, as in the corpus), in order."""
     check_summarize_run(run)
@@ -70,7 +74,8 @@ def summarize_sources(run, sources: Sequence[str], *, beam: int = BEAM,
     for i in range(0, len(sources), batch_size):
         chunk = [truncate_source(tok, s, n)[0] for s in sources[i : i + batch_size]]
         src = tok.batch(chunk).to(device)  # (B, Ls)
-        ids = _decode(run, src, beam=beam, length_penalty=length_penalty)  # (B, T)
+        ids = _decode(run, src, beam=beam, length_penalty=length_penalty,
+                      no_repeat_ngram=no_repeat_ngram)  # (B, T)
         out.extend(tok.decode(row.tolist()) for row in ids)
     return out
 
@@ -91,7 +96,8 @@ def _spans(labels: list[str], starts: list[bool]) -> tuple[list[str], list[tuple
 
 @torch.no_grad()
 def summarize_code(run, code: str, *, function: str | None = None, beam: int = BEAM,
-                   length_penalty: float = LENGTH_PENALTY, attention: bool = True
+                   length_penalty: float = LENGTH_PENALTY,
+                   no_repeat_ngram: int = NO_REPEAT_NGRAM, attention: bool = True
                    ) -> list[Summary]:
     """Summaries of every function of ``code`` (or the one named ``function``, e.g.
     ``"Cache.get"`` or ``"get"``), in file order.
@@ -121,7 +127,8 @@ def summarize_code(run, code: str, *, function: str | None = None, beam: int = B
     results: list[Summary] = []
     for (name, _, _, doc), source in zip(funcs, sources, strict=True):
         src = tok.batch([source]).to(device)  # (1, Ls)
-        ids = _decode(run, src, beam=beam, length_penalty=length_penalty)[0].tolist()
+        ids = _decode(run, src, beam=beam, length_penalty=length_penalty,
+                      no_repeat_ngram=no_repeat_ngram)[0].tolist()
         text = tok.decode(ids)
         amap = None
         if attention:

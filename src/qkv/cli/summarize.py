@@ -50,6 +50,8 @@ def summarize_command(
     length_penalty: Annotated[float, typer.Option(
         help="GNMT length penalty of the beam search; larger favours longer summaries.")]
     = 0.6,
+    no_repeat_ngram: Annotated[int, typer.Option(
+        help="Never repeat a token n-gram of this length in a summary (0: no limit).")] = 3,
     show_attention: Annotated[bool, typer.Option(
         "--show-attention", help="Print the cross-attention of each summary (rows = summary "
         "words, columns = code words).")] = False,
@@ -82,7 +84,7 @@ def summarize_command(
     run = load_run(run_dir, device=device)
     check_summarize_run(run)
     results = summarize_code(run, code, function=function, beam=beam,
-                             length_penalty=length_penalty,
+                             length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram,
                              attention=show_attention or output is not None)
     for r in results:
         typer.echo(f"{r.name}: {r.summary}")

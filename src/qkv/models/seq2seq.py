@@ -181,6 +181,18 @@ class DecodeState:
             c.reorder(index)
 
 
+def _ban_repeats(logp: Tensor, prefix: Tensor, n: int) -> None:
+    """Set ``logp (R, V)`` to -inf, in place, for every token that would complete an n-gram
+    already present in its row of ``prefix (R, T)`` (the tokens generated so far)."""
+    for r, seq in enumerate(prefix.tolist()):
+        if len(seq) < n - 1:
+            continue
+        tail = seq[len(seq) - n + 1 :]
+        banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i : i + n - 1] == tail]
+        if banned:
+            logp[r, banned] = float("-inf")
+
+
 class Transformer(nn.Module):
     """Encoder-decoder Transformer over one token vocabulary (see the module docstring).
 
@@ -316,7 +328,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, src: Tensor, *, beam: int, max_len: int, use_cache: bool = True,
-                    length_penalty: float = 0.0) -> tuple[Tensor, Tensor]:
+                    length_penalty: float = 0.0, no_repeat_ngram: int = 0
+                    ) -> tuple[Tensor, Tensor]:
         """Keep the ``beam`` most likely prefixes per source, by total log-probability.
 
         A finished beam (it produced ``eos_id``) stays in the beam with its score frozen,
@@ -324,7 +337,8 @@ class Transformer(nn.Module):
         ``max_len``. Hypotheses are ranked by ``log p / ((5 + n) / 6) ** length_penalty``
         (GNMT's length penalty, ``n`` the tokens so far, EOS included); the default 0 ranks
         by the sum of token log-probabilities, so ``beam=1`` is greedy decoding, and a
-        larger ``length_penalty`` favours longer outputs.
+        larger ``length_penalty`` favours longer outputs. ``no_repeat_ngram=n > 0`` forbids
+        any token that would repeat an n-gram of tokens already in the hypothesis.
 
         Returns the best sequence per source ``(B, T)`` (as :meth:`greedy`) and its
         log-probability ``(B,)``.
@@ -334,6 +348,10 @@ class Transformer(nn.Module):
                 or not 0 <= length_penalty <= 10:
             raise ValueError(f"length_penalty must be a number in [0, 10]; got "
                              f"{length_penalty!r}")
+        if isinstance(no_repeat_ngram, bool) or not isinstance(no_repeat_ngram, int) \
+                or no_repeat_ngram < 0:
+            raise ValueError(f"no_repeat_ngram must be an int >= 0 (0: no limit); got "
+                             f"{no_repeat_ngram!r}")
         if isinstance(beam, bool) or not isinstance(beam, int) or not (
             1 <= beam <= self.config.vocab_size
         ):
@@ -357,6 +375,8 @@ class Transformer(nn.Module):
         for _ in range(max_len):
             logits = self._step_logits(tokens, memory, mask, state)  # (BK, V)
             logp = torch.log_softmax(logits.float(), dim=-1)  # (BK, V)
+            if no_repeat_ngram:
+                _ban_repeats(logp, tokens[:, 1:], no_repeat_ngram)
             logp = torch.where(done[:, None], frozen, logp)  # (BK, V)
             cand = (scores.reshape(b * k, 1) + logp).reshape(b, k * v)  # (B, K*V)
             if length_penalty:
