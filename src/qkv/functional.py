@@ -68,13 +68,37 @@ def attention(
     A query that can see no key gets output 0 and weight 0 (never NaN). Scores, softmax and
     accumulation run in float32 (float64 for float64 inputs).
     """
+    # The common call (no mask, window, dropout, weights or generator; backend "auto";
+    # plain tensors; DEBUG logging off) reuses what an earlier call of the same signature
+    # validated and chose (see _PLANS below).
+    plain = (mask is None and window is None and generator is None and return_weights is False
+             and backend == "auto" and (causal is False or causal is True)
+             and (scale is None or type(scale) is float) and type(dropout) is float
+             and dropout == 0.0 and type(q) is Tensor and type(k) is Tensor
+             and type(v) is Tensor)
+    if plain:
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
+               v.device, causal, scale, _kernels.REFERENCE_MEMORY_BUDGET)
+        plan = _PLANS.get(key)
+        if plan is not None and not log.isEnabledFor(10):  # DEBUG: the slow path logs
+            run, m, sc, flat = plan
+            if flat is None:  # q is (B, Hq, Lq, D) already
+                return run(Call(q, k, v, m, sc))[0]
+            b, batch_shape = flat
+            out = run(Call(q.reshape(b, *q.shape[-3:]), k.reshape(b, *k.shape[-3:]),
+                           v.reshape(b, *v.shape[-3:]), m, sc))[0]  # (B, Hq, Lq, Dv)
+            return out.reshape(*batch_shape, *out.shape[1:])  # (..., Hq, Lq, Dv)
     call, batch_shape = prepare_call(
         q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout=dropout,
         return_weights=return_weights, generator=generator,
     )
     be = _choose(call, backend)
     if not be.handles_hidden_keys:
-        call = _zero_hidden_keys(call)
+        zeroed = _zero_hidden_keys(call)
+        plain = plain and zeroed is call  # a plan must not skip zeroing hidden keys
+        call = zeroed
+    if plain:
+        _remember(key, be, call, batch_shape)
     out, weights = be.run(call)
     out = out.reshape(*batch_shape, *out.shape[1:])  # (..., Hq, Lq, Dv)
     if return_weights:
@@ -114,6 +138,24 @@ def explain(
         s, scores=unflat(s.scores), scaled=unflat(s.scaled), masked=unflat(s.masked),
         weights=unflat(s.weights), output=unflat(s.output),
     )
+
+
+# ---- plans of plain calls -----------------------------------------------------------------
+# A plain call has no tensor mask, window, dropout, returned weights or generator. Its
+# signature (the key) is the shapes, dtypes and devices of q, k and v, ``causal``, ``scale``
+# and the memory budget that ``auto`` reads. Every check of prepare_call depends on nothing
+# else, and neither does the backend auto picks nor the canonical mask, so a call whose
+# signature was seen before is valid and goes where the first one went: its plan is
+# (backend.run, mask, scale, None or (B, batch_shape) when the batch dims must be folded).
+_PLANS = _kernels.PLANS  # register() empties it
+_MAX_PLANS = 256  # distinct signatures kept; the cache starts over when full
+
+
+def _remember(key: tuple, be, call: Call, batch_shape: tuple[int, ...]) -> None:
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    flat = None if len(batch_shape) == 1 else (call.batch, batch_shape)
+    _PLANS[key] = (be.run, call.mask, call.scale, flat)
 
 
 # ---- choosing a backend -------------------------------------------------------------------

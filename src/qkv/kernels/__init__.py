@@ -19,6 +19,7 @@ from .reference import ReferenceBackend
 from .torch_sdpa import TorchSDPABackend
 
 __all__ = [
+    "PLANS",
     "REFERENCE_MEMORY_BUDGET",
     "Backend",
     "Call",
@@ -37,10 +38,15 @@ REFERENCE_MEMORY_BUDGET: int = 1 << 30
 
 _REGISTRY: dict[str, Backend] = {}
 
+#: What ``qkv.attention`` decided for the signatures of plain calls it has seen (see
+#: ``qkv.functional``); emptied by :func:`register`, since ``auto`` may then choose anew.
+PLANS: dict[tuple, tuple] = {}
+
 
 def register(backend: Backend) -> None:
     """Add a backend under ``backend.name`` (replacing one of the same name)."""
     _REGISTRY[backend.name] = backend
+    PLANS.clear()  # a cached choice may no longer be what auto would pick
 
 
 def names() -> list[str]:
