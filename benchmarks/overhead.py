@@ -51,6 +51,7 @@ from torch import nn
 
 import qkv
 from qkv.models.seq2seq import Transformer, TransformerConfig
+from qkv.positional import sinusoidal
 from qkv.tasks import PAD, get_task
 
 
@@ -124,7 +125,7 @@ class TorchSeq2Seq(nn.Module):
             cfg.d_model, cfg.num_heads, cfg.encoder_layers, cfg.decoder_layers, cfg.ff_dim,
             cfg.dropout, activation="gelu", batch_first=True, norm_first=True,
             enable_nested_tensor=False)
-        self.register_buffer("pe", qkv.positional.sinusoidal(256, cfg.d_model))
+        self.register_buffer("pe", sinusoidal(256, cfg.d_model))
 
     def forward(self, src, tgt_in):
         e = math.sqrt(self.cfg.d_model)

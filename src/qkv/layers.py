@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import attention
@@ -74,6 +75,30 @@ class KVCache:
         self.length = 0
 
 
+def _global_hooks() -> bool:
+    """True when hooks registered for every module (nn.modules.module.register_module_
+    forward_hook and friends) expect to see the projections called."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
+
+
+def _has_hooks(lin: nn.Module) -> bool:
+    return bool(lin._forward_hooks or lin._forward_pre_hooks or lin._backward_hooks
+                or lin._backward_pre_hooks)
+
+
+def _project(lin: nn.Module, x: Tensor) -> Tensor:
+    """``lin(x)``; for a plain nn.Linear without hooks, straight to F.linear (what its
+    forward does), sparing nn.Module's call machinery on every attention call."""
+    if type(lin) is nn.Linear and not (_has_hooks(lin) or _global_hooks()):
+        p = lin._parameters
+        w = p.get("weight")
+        if w is not None:
+            return F.linear(x, w, p.get("bias"))
+    return lin(x)
+
+
 def _grow(t: Tensor, capacity: int, used: int) -> Tensor:
     new = t.new_empty(*t.shape[:2], capacity, t.shape[3])
     new[:, :, :used] = t[:, :, :used]
@@ -135,7 +160,67 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(vdim, num_kv_heads * self.head_dim, bias=bias, **fk)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self.rotary = rotary
+        self._packed: tuple[Tensor, Tensor | None] | None = None
+        self._pack()
         self.reset_parameters()
+
+    # ---- one matmul for q, k and v ---------------------------------------------------------
+    # The weights (and biases) of q_proj, k_proj and v_proj are rows of one buffer, so that
+    # self-attention without gradients projects x with one matmul, reading the parameters'
+    # live memory (never a copy that could go stale). Anything that re-points a parameter
+    # elsewhere (assigning .data, load_state_dict(assign=True)) or hooks on the projections
+    # turn this off: every call checks; .to()/.half() re-pack.
+    def _pack(self) -> None:
+        lins = (self.q_proj, self.k_proj, self.v_proj)
+        ws = [lin.weight for lin in lins]
+        self._packed = None
+        if any(w.dtype != ws[0].dtype or w.device != ws[0].device or w.shape[1] != ws[0].shape[1]
+               for w in ws) or ws[0].device.type == "meta":
+            return
+        has_bias = self.q_proj.bias is not None
+        with torch.no_grad():
+            packed_w = torch.cat([w.detach() for w in ws])  # (E + 2 Hkv Dh, E)
+            packed_b = torch.cat([lin.bias.detach() for lin in lins]) if has_bias else None
+            rows, layout = 0, []
+            for lin in lins:
+                n = lin.weight.shape[0]
+                lin.weight.data = packed_w[rows : rows + n]
+                if has_bias:
+                    lin.bias.data = packed_b[rows : rows + n]
+                # element offsets of this projection's weight and bias, weight's size
+                layout.append((rows * packed_w.shape[1], rows, lin.weight.numel()))
+                rows += n
+        self._packed = (packed_w, packed_b, tuple(layout))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._pack()
+        return self
+
+    def _packed_in_proj(self) -> tuple[Tensor, Tensor | None] | None:
+        """The packed (weight, bias) while the q/k/v parameters are still its rows (and
+        no hook expects the projections to be called), else None. Reads ``_modules`` and
+        ``_parameters`` directly: nn.Module's attribute lookup costs more than the check."""
+        p = self._packed
+        if p is None or _global_hooks():
+            return None
+        w, b, layout = p
+        mods = self._modules
+        size = w.element_size()
+        wp, bp = w.data_ptr(), (0 if b is None else b.data_ptr())
+        for name, (w_off, b_off, numel) in zip(("q_proj", "k_proj", "v_proj"), layout, strict=True):
+            lin = mods[name]
+            if type(lin) is not nn.Linear or _has_hooks(lin):  # hooks must see their call
+                return None
+            params = lin._parameters
+            lw, lb = params.get("weight"), params.get("bias")
+            if (lw is None or lw.data_ptr() != wp + w_off * size or lw.dtype != w.dtype
+                    or lw.numel() != numel or not lw.is_contiguous()):
+                return None
+            if (lb is None) != (b is None) or (b is not None and (
+                    lb.data_ptr() != bp + b_off * size or lb.dtype != b.dtype)):
+                return None
+        return w, b
 
     def reset_parameters(self) -> None:
         """Initialise as ``torch.nn.MultiheadAttention`` does (Xavier, zero biases)."""
@@ -214,14 +299,27 @@ class MultiHeadAttention(nn.Module):
                              f"kdim={self.kdim}, vdim={self.vdim}, embed_dim={self.embed_dim}. "
                              "Fix: pass a context for cross-attention")
         offset = 0 if (cache is None or is_cross) else cache.length
-        q = self._split(self.q_proj(x), self.num_heads)  # (B, Hq, Lq, Dh)
-        if is_cross and cache is not None and cache.length > 0:
+        packed = None if is_cross or torch.is_grad_enabled() else self._packed_in_proj()
+        if packed is not None:  # self-attention, no gradients: one matmul
+            hq, hkv = self.num_heads, self.num_kv_heads
+            heads = F.linear(x, *packed).view(b, lq, hq + 2 * hkv, self.head_dim).transpose(1, 2)
+            q = heads[:, :hq]  # (B, Hq, Lq, Dh)
+            k = heads[:, hq : hq + hkv]  # (B, Hkv, Lk, Dh)
+            v = heads[:, hq + hkv :]  # (B, Hkv, Lk, Dh)
+        else:
+            q = self._split(_project(self.q_proj, x), self.num_heads)  # (B, Hq, Lq, Dh)
+        if packed is not None:
+            if self.rotary is not None:
+                k = self.rotary(k, offset)
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, Hkv, offset + Lk, Dh)
+        elif is_cross and cache is not None and cache.length > 0:
             k, v = cache.k, cache.v  # the context was projected on the first step
         else:
             src_k = x if key is None else key
             src_v = x if value is None else value
-            k = self._split(self.k_proj(src_k), self.num_kv_heads)  # (B, Hkv, Lk, Dh)
-            v = self._split(self.v_proj(src_v), self.num_kv_heads)  # (B, Hkv, Lk, Dh)
+            k = self._split(_project(self.k_proj, src_k), self.num_kv_heads)  # (B, Hkv, Lk, Dh)
+            v = self._split(_project(self.v_proj, src_v), self.num_kv_heads)  # (B, Hkv, Lk, Dh)
             if self.rotary is not None and not is_cross:
                 k = self.rotary(k, offset)
             if cache is not None:
@@ -235,7 +333,7 @@ class MultiHeadAttention(nn.Module):
         )
         out, weights = res if need_weights else (res, None)
         out = out.transpose(1, 2).reshape(b, lq, self.embed_dim)  # (B, Lq, E)
-        out = self.out_proj(out)  # (B, Lq, E)
+        out = _project(self.out_proj, out)  # (B, Lq, E)
         return (out, weights) if need_weights else out
 
     # ---- exact conversion to and from torch.nn.MultiheadAttention --------------------------
