@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -17,7 +18,7 @@ from torch import Tensor
 from . import kernels as _kernels
 from .kernels.base import Call
 from .kernels.reference import AttentionSteps, reference_steps
-from .masks import Mask
+from .masks import Mask, parse_window
 from .validate import check_qkv
 
 __all__ = ["AttentionSteps", "attention", "explain", "prepare_call"]
@@ -178,7 +179,8 @@ def _choose(call: Call, name: str):
                       "; skipped " + "; ".join(reasons) if reasons else "")
             return be
         reasons.append(f"{candidate}: no {why}")
-    raise ValueError("no backend supports this call: " + "; ".join(reasons))
+    raise ValueError("no backend supports this call: " + "; ".join(reasons) +
+                     ". Fix: drop the option the backends lack")
 
 
 def _zero_hidden_keys(call: Call) -> Call:
@@ -205,24 +207,30 @@ def prepare_call(q, k, v, *, mask=None, causal=False, window=None, scale=None, d
     hkv, lk, _ = k.shape[-3:]
     dv = v.shape[-1]
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be True or False; got {causal!r}")
+        raise TypeError(f"causal must be True or False; got {causal!r}. Fix: causal=bool(...)")
     if not isinstance(return_weights, bool):
-        raise TypeError(f"return_weights must be True or False; got {return_weights!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
-        0.0 <= dropout < 1.0
-    ):
-        raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}")
+        raise TypeError(f"return_weights must be True or False; got {return_weights!r}. "
+                        "Fix: return_weights=bool(...)")
+    dropout = _real("dropout", dropout, "dropout=0.1 (0 turns it off)")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}. "
+                         "Fix: dropout=0.1, or 0 to turn it off")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+        raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}."
+                        " Fix: generator=torch.Generator().manual_seed(0)")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(
-        scale
-    ):
-        raise ValueError(f"scale must be a finite number; got {scale!r}")
-    left, right = _parse_window(window)
+    else:
+        scale = _real("scale", scale, f"leave scale=None for 1/sqrt(D) = {1 / math.sqrt(d):.4g}")
+    left, right = parse_window(window)
     if causal:
         right = 0 if right is None else min(right, 0)
+    # A side at least as wide as the sequences bounds nothing: query i's relative key
+    # positions j - (i + Lk - Lq) lie in [-(Lk - 1), Lq - 1].
+    if left is not None and left >= lk:
+        left = None
+    if right is not None and right >= lq:
+        right = None
 
     b = math.prod(batch_shape)
     allowed, bias = _canonical_mask(mask, batch_shape, (hq, lq, lk), q.device)
@@ -235,28 +243,15 @@ def prepare_call(q, k, v, *, mask=None, causal=False, window=None, scale=None, d
     return call, batch_shape
 
 
-def _parse_window(window) -> tuple[int | None, int | None]:
-    if window is None:
-        return None, None
-    if isinstance(window, bool):
-        raise TypeError(f"window must be an int or a (left, right) pair; got {window!r}")
-    if isinstance(window, int):
-        window = (window, window)
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"window must be an int w or a (left, right) pair; got {window!r}. "
-                        "Fix: window=(128, 0) for 128 keys to the left and none to the right")
-    out = []
-    for side, w in zip(("left", "right"), window, strict=True):
-        if w is None:
-            out.append(None)
-            continue
-        if isinstance(w, bool) or not isinstance(w, int):
-            raise TypeError(f"window {side} must be an int or None; got {w!r}")
-        if w < 0:
-            raise ValueError(f"window {side} must be >= 0; got {w}. Fix: window=(left, right) "
-                             "counts keys on each side of the query's own position")
-        out.append(w)
-    return out[0], out[1]
+def _real(name: str, x, fix: str) -> float:
+    """``x`` as a finite float: any real number (Python or NumPy), not bool, NaN or inf."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(x).__name__} {x!r}. "
+                        f"Fix: {fix}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number; got {x!r}. Fix: {fix}")
+    return x
 
 
 def _canonical_mask(mask, batch_shape, hql, device):
@@ -264,12 +259,17 @@ def _canonical_mask(mask, batch_shape, hql, device):
     if mask is None:
         return None, None
     if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor (bool or float); got {type(mask).__name__}")
+        raise TypeError(f"mask must be a torch.Tensor (bool or float); got {type(mask).__name__}. "
+                        "Fix: mask=torch.as_tensor(mask, device=q.device)")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
             f"mask must be bool (True = may attend) or float (added to the scores); got dtype "
             f"{mask.dtype}. Fix: mask.bool() if 1 means 'may attend'"
         )
+    if "meta" in (mask.device.type, device.type):
+        raise ValueError(f"mask is on {mask.device} and q on {device}; the meta device holds "
+                         "no values to mask with. Fix: build the mask and q, k, v on a real "
+                         "device")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but q is on {device}. Fix: mask.to(q.device)")
     full = (*batch_shape, *hql)
@@ -286,8 +286,9 @@ def _canonical_mask(mask, batch_shape, hql, device):
     nb = len(batch_shape)
     if all(s == 1 for s in m.shape[:nb]):
         m = m.reshape(1, *m.shape[nb:])  # (1, Hq|1, Lq|1, Lk|1)
-    else:
-        m = m.expand(*batch_shape, *m.shape[nb:]).reshape(-1, *m.shape[nb:])
+    else:  # the batch size is explicit: -1 is ambiguous when Lq or Lk is 0
+        m = m.expand(*batch_shape, *m.shape[nb:]).reshape(
+            math.prod(batch_shape), *m.shape[nb:])  # (B, Hq|1, Lq|1, Lk|1)
     if mask.dtype == torch.bool:
         return m, None
     return None, m

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,11 +43,20 @@ class KVCache:
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add keys ``(B, Hkv, T, D)`` and values ``(B, Hkv, T, Dv)``; return all so far."""
+        if not isinstance(k, Tensor) or not isinstance(v, Tensor):
+            raise TypeError(f"KVCache.append expects tensors k and v; got "
+                            f"{type(k).__name__} and {type(v).__name__}. Fix: pass "
+                            "torch.as_tensor(k), torch.as_tensor(v)")
         if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
             raise ValueError(f"KVCache.append expects k (B, H, T, D) and v (B, H, T, Dv); got "
-                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+                             f"{tuple(k.shape)} and {tuple(v.shape)}. Fix: one value per key, "
+                             "both shaped (batch, heads, tokens, dim)")
         t = k.shape[2]
         if self._k is None:
+            if k.dtype != v.dtype or k.device != v.device or not k.is_floating_point():
+                raise TypeError(f"KVCache.append expects floating-point k and v of one dtype "
+                                f"on one device; got {k.dtype} on {k.device} and {v.dtype} on "
+                                f"{v.device}. Fix: v.to(k)")
             cap = max(16, t)
             self._k = k.new_empty(*k.shape[:2], cap, k.shape[3])
             self._v = v.new_empty(*v.shape[:2], cap, v.shape[3])
@@ -53,7 +64,13 @@ class KVCache:
               or v.shape[3] != self._v.shape[3]):
             raise ValueError(f"KVCache holds keys {tuple(self._k.shape[:2])}+(L, "
                              f"{self._k.shape[3]}); cannot append {tuple(k.shape)}. The batch "
-                             "and heads must stay the same (use reorder() for beams)")
+                             "and heads must stay the same. Fix: reorder() selects beams; "
+                             "reset() starts over")
+        elif k.dtype != self._k.dtype or v.dtype != self._v.dtype or k.device != self._k.device \
+                or v.device != self._v.device:
+            raise TypeError(f"KVCache holds {self._k.dtype} on {self._k.device}; cannot append "
+                            f"{k.dtype} on {k.device} and {v.dtype} on {v.device} without "
+                            "changing them. Fix: k.to(cache.k), or reset() to start over")
         need = self.length + t
         if need > self._k.shape[2]:
             cap = max(need, 2 * self._k.shape[2])
@@ -66,7 +83,22 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search keeps the surviving beams): ``index (B',)``."""
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype not in (
+            torch.int32, torch.int64
+        ):
+            got = (f"{index.dtype} of shape {tuple(index.shape)}" if isinstance(index, Tensor)
+                   else type(index).__name__)
+            raise TypeError(f"KVCache.reorder expects an int64 tensor of batch rows (B',); got "
+                            f"{got}. Fix: torch.tensor(rows, dtype=torch.long)")
         if self._k is not None:
+            b = self._k.shape[0]
+            if index.numel() and (int(index.min()) < -b or int(index.max()) >= b):
+                raise ValueError(f"KVCache.reorder: rows must be in 0..{b - 1} (the cache holds "
+                                 f"{b} rows); got {index.tolist()}. Fix: select among the "
+                                 "rows the cache holds")
+            if index.device != self._k.device:
+                raise ValueError(f"KVCache.reorder: index is on {index.device} but the cache on "
+                                 f"{self._k.device}. Fix: index.to(cache.k.device)")
             self._k = self._k.index_select(0, index)
             self._v = self._v.index_select(0, index)
 
@@ -136,20 +168,32 @@ class MultiHeadAttention(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads),
-                          ("num_kv_heads", num_kv_heads)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int; got {val!r}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; "
-                             "each head gets embed_dim // num_heads dims")
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads {num_kv_heads} does not divide num_heads {num_heads};"
-                             " the query heads must be a multiple of the key heads (GQA)")
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}")
         kdim = embed_dim if kdim is None else kdim
         vdim = embed_dim if vdim is None else vdim
+        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads),
+                          ("num_kv_heads", num_kv_heads), ("kdim", kdim), ("vdim", vdim)):
+            if isinstance(val, bool) or not isinstance(val, numbers.Integral):
+                raise TypeError(f"{name} must be a positive int; got {type(val).__name__} "
+                                f"{val!r}. Fix: {name}=int(...)")
+            if val < 1:
+                raise ValueError(f"{name} must be a positive int; got {val!r}. Fix: a size "
+                                 "of at least 1")
+        embed_dim, num_heads, num_kv_heads = int(embed_dim), int(num_heads), int(num_kv_heads)
+        kdim, vdim = int(kdim), int(vdim)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; "
+                             "each head gets embed_dim // num_heads dims. Fix: num_heads that "
+                             "divides embed_dim")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads {num_kv_heads} does not divide num_heads {num_heads};"
+                             " the query heads must be a multiple of the key heads (GQA). Fix: "
+                             "num_kv_heads that divides num_heads")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"dropout must be a probability in [0, 1); got "
+                            f"{type(dropout).__name__} {dropout!r}. Fix: dropout=0.1, or 0")
+        if not 0.0 <= float(dropout) < 1.0:  # also refuses NaN
+            raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}. "
+                             "Fix: dropout=0.1, or 0 to turn it off")
         fk = {"device": device, "dtype": dtype}
         self.embed_dim, self.kdim, self.vdim = embed_dim, kdim, vdim
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
@@ -260,22 +304,41 @@ class MultiHeadAttention(nn.Module):
         counts every cached key. Returns ``out (B, Lq, E)`` and, with ``need_weights``,
         the per-head weights ``(B, Hq, Lq, Lk)``.
         """
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (B, L, {self.embed_dim}); got {got}")
-        is_cross = context is not None
-        if is_cross and (not isinstance(context, Tensor) or context.dim() != 3
-                         or context.shape[0] != x.shape[0] or context.shape[-1] != self.kdim):
-            got = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
-            raise ValueError(f"context must have shape ({x.shape[0]}, Lk, {self.kdim}); "
-                             f"got {got}")
-        if is_cross and self.kdim != self.vdim:
-            raise ValueError("this module has kdim != vdim; pass context as (keys, values) "
-                             "through forward_kv instead")
-        if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a qkv.KVCache; got {type(cache).__name__}")
+        if context is not None:
+            self._check_seq("x", x, None, self.embed_dim)
+            self._check_seq("context", context, x, self.kdim)
+            if self.kdim != self.vdim:
+                raise ValueError(f"this module has kdim={self.kdim} != vdim={self.vdim}, so one "
+                                 "context cannot give both keys and values. Fix: "
+                                 "forward_kv(x, key, value)")
         return self.forward_kv(x, context, context, mask=mask, causal=causal, window=window,
                                need_weights=need_weights, cache=cache, backend=backend)
+
+    def _check_seq(self, name: str, t, x: Tensor | None, dim: int) -> None:
+        """Refuse ``t`` unless it is a (B, L, dim) tensor (B that of ``x`` when given)."""
+        if (isinstance(t, Tensor) and t.dim() == 3 and t.shape[-1] == dim
+                and (x is None or t.shape[0] == x.shape[0])):
+            return
+        got = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+        b = "B" if x is None else x.shape[0]
+        exc = ValueError if isinstance(t, Tensor) else TypeError
+        raise exc(f"{name} must be a tensor of shape ({b}, L, {dim}); got {got}. Fix: "
+                  f"{name} of shape (batch, tokens, {dim})"
+                  + ("" if x is None else ", with the batch of x"))
+
+    def _explain_failure(self, x: Tensor, key, value) -> None:
+        """After a RuntimeError inside forward: raise the input error that caused it, if any."""
+        w = self.q_proj.weight
+        for name, t in (("x", x), ("key", key), ("value", value)):
+            if t is None:
+                continue
+            if t.dtype != w.dtype:
+                raise TypeError(f"{name} is {t.dtype} but the module's parameters are "
+                                f"{w.dtype}. Fix: {name}.to({w.dtype}) or module.to({t.dtype})")
+            if t.device != w.device:
+                raise ValueError(f"{name} is on {t.device} but the module's parameters on "
+                                 f"{w.device}. Fix: {name}.to({str(w.device)!r}) or "
+                                 f"module.to({str(t.device)!r})")
 
     def forward_kv(
         self,
@@ -292,12 +355,35 @@ class MultiHeadAttention(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Like :meth:`forward` with separate key ``(B, Lk, kdim)`` and value
         ``(B, Lk, vdim)`` inputs (None for self-attention)."""
-        b, lq, _ = x.shape
+        self._check_seq("x", x, None, self.embed_dim)
         is_cross = key is not None
-        if not is_cross and (self.kdim != self.embed_dim or self.vdim != self.embed_dim):
+        if is_cross or value is not None:
+            self._check_seq("key", key, x, self.kdim)
+            self._check_seq("value", value, x, self.vdim)
+            if key.shape[1] != value.shape[1]:
+                raise ValueError(f"key has {key.shape[1]} tokens but value {value.shape[1]}; "
+                                 "each key needs exactly one value. Fix: key and value from "
+                                 "the same tokens")
+        elif self.kdim != self.embed_dim or self.vdim != self.embed_dim:
             raise ValueError(f"self-attention needs kdim == vdim == embed_dim; this module has "
                              f"kdim={self.kdim}, vdim={self.vdim}, embed_dim={self.embed_dim}. "
                              "Fix: pass a context for cross-attention")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a qkv.KVCache; got {type(cache).__name__}. Fix: "
+                            "cache=qkv.KVCache(), one per layer")
+        if need_weights is not True and need_weights is not False:
+            raise TypeError(f"need_weights must be True or False; got {need_weights!r}. Fix: "
+                            "need_weights=bool(...)")
+        try:
+            return self._attend(x, key, value, mask=mask, causal=causal, window=window,
+                                need_weights=need_weights, cache=cache, backend=backend)
+        except RuntimeError:
+            self._explain_failure(x, key, value)
+            raise
+
+    def _attend(self, x, key, value, *, mask, causal, window, need_weights, cache, backend):
+        b, lq, _ = x.shape
+        is_cross = key is not None
         offset = 0 if (cache is None or is_cross) else cache.length
         packed = None if is_cross or torch.is_grad_enabled() else self._packed_in_proj()
         if packed is not None:  # self-attention, no gradients: one matmul

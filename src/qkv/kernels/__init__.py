@@ -56,12 +56,14 @@ def names() -> list[str]:
 
 def get(name: str) -> Backend:
     if not isinstance(name, str):
-        raise TypeError(f"backend must be a string; got {type(name).__name__}")
+        raise TypeError(f"backend must be a string; got {type(name).__name__}. "
+                        f"Fix: backend='auto' or one of {names()}")
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"unknown backend {name!r}; expected 'auto' or one of {names()}"
+            f"unknown backend {name!r}; expected 'auto' or one of {names()}. "
+            "Fix: backend='auto' picks the fastest that can do the call"
         ) from None
 
 
