@@ -201,6 +201,9 @@ def prepare_call(q, k, v, *, mask=None, causal=False, window=None, scale=None, d
     backend receives (leading batch dims flattened into one, every mask folded into one
     :class:`~qkv.masks.Mask`); returns ``(call, batch_shape)``. For code that drives the
     kernels of :mod:`qkv.kernels` directly; everything else calls :func:`attention`."""
+    if v is None:  # check_qkv takes None for "no values"; attention needs them
+        raise TypeError("v must be a torch.Tensor; got NoneType. Fix: pass the values "
+                        "(..., Hkv, Lk, Dv)")
     check_qkv(q, k, v)
     batch_shape = tuple(q.shape[:-3])
     hq, lq, d = q.shape[-3:]
