@@ -432,10 +432,11 @@ class MultiHeadAttention(nn.Module):
         """
         if not isinstance(m, nn.MultiheadAttention):
             raise TypeError(f"from_torch expects torch.nn.MultiheadAttention; got "
-                            f"{type(m).__name__}")
+                            f"{type(m).__name__}. Fix: pass the torch module itself")
         if m.bias_k is not None or m.add_zero_attn:
             raise ValueError("from_torch cannot convert add_bias_kv=True or add_zero_attn=True;"
-                             " qkv has no extra learned or zero key")
+                             " qkv has no extra learned or zero key. Fix: convert a module "
+                             "built without them")
         w = m.in_proj_weight if m._qkv_same_embed_dim else None
         has_bias = m.in_proj_bias is not None
         p = next(m.parameters())
@@ -465,9 +466,11 @@ class MultiHeadAttention(nn.Module):
         """A ``torch.nn.MultiheadAttention(batch_first=True)`` with the same weights."""
         if self.num_kv_heads != self.num_heads:
             raise ValueError(f"to_torch cannot convert GQA (num_kv_heads={self.num_kv_heads} != "
-                             f"num_heads={self.num_heads}); torch's module has no GQA")
+                             f"num_heads={self.num_heads}); torch's module has no GQA. Fix: "
+                             "build it with num_kv_heads=num_heads")
         if self.rotary is not None:
-            raise ValueError("to_torch cannot convert a module with rotary embeddings")
+            raise ValueError("to_torch cannot convert a module with rotary embeddings; torch's "
+                             "module has none. Fix: build it with rotary=None")
         has_bias = self.q_proj.bias is not None
         p = self.q_proj.weight
         m = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
