@@ -43,6 +43,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,10 +122,11 @@ class TorchSeq2Seq(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.net = nn.Transformer(
-            cfg.d_model, cfg.num_heads, cfg.encoder_layers, cfg.decoder_layers, cfg.ff_dim,
-            cfg.dropout, activation="gelu", batch_first=True, norm_first=True,
-            enable_nested_tensor=False)
+        with warnings.catch_warnings():  # norm_first turns nested tensors off: said once
+            warnings.simplefilter("ignore")
+            self.net = nn.Transformer(
+                cfg.d_model, cfg.num_heads, cfg.encoder_layers, cfg.decoder_layers,
+                cfg.ff_dim, cfg.dropout, activation="gelu", batch_first=True, norm_first=True)
         self.register_buffer("pe", sinusoidal(256, cfg.d_model))
 
     def forward(self, src, tgt_in):
