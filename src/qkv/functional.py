@@ -149,6 +149,8 @@ def explain(
 # signature was seen before is valid and goes where the first one went: its plan is
 # (backend.run, mask, scale, None or (B, batch_shape) when the batch dims must be folded).
 _PLANS = _kernels.PLANS  # register() empties it
+
+_parse_window = parse_window  # its old home; code that read it here keeps working
 _MAX_PLANS = 256  # distinct signatures kept; the cache starts over when full
 
 
