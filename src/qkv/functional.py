@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -17,7 +18,7 @@ from torch import Tensor
 from . import kernels as _kernels
 from .kernels.base import Call
 from .kernels.reference import AttentionSteps, reference_steps
-from .masks import Mask
+from .masks import Mask, parse_window
 from .validate import check_qkv
 
 __all__ = ["AttentionSteps", "attention", "explain", "prepare_call"]
@@ -68,11 +69,34 @@ def attention(
     A query that can see no key gets output 0 and weight 0 (never NaN). Scores, softmax and
     accumulation run in float32 (float64 for float64 inputs).
     """
-    opts = dict(mask=mask, causal=causal, window=window, scale=scale, dropout=dropout,
-                return_weights=return_weights, backend=backend, generator=generator)
     if _observers:  # qkv.capture is recording: it runs the call as is and keeps the weights
-        return _observers[-1](_attention, q, k, v, **opts)
-    return _attention(q, k, v, **opts)
+        return _observers[-1](_attention, q, k, v, mask=mask, causal=causal, window=window,
+                              scale=scale, dropout=dropout, return_weights=return_weights,
+                              backend=backend, generator=generator)
+    # The common call (no mask, window, dropout, weights or generator; backend "auto";
+    # plain tensors; DEBUG logging off) reuses what an earlier call of the same signature
+    # validated and chose (see _PLANS below).
+    plain = (mask is None and window is None and generator is None and return_weights is False
+             and backend == "auto" and (causal is False or causal is True)
+             and (scale is None or type(scale) is float) and type(dropout) is float
+             and dropout == 0.0 and type(q) is Tensor and type(k) is Tensor
+             and type(v) is Tensor)
+    key = None
+    if plain:
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
+               v.device, causal, scale, _kernels.REFERENCE_MEMORY_BUDGET)
+        plan = _PLANS.get(key)
+        if plan is not None and not log.isEnabledFor(10):  # DEBUG: the slow path logs
+            run, m, sc, flat = plan
+            if flat is None:  # q is (B, Hq, Lq, D) already
+                return run(Call(q, k, v, m, sc))[0]
+            b, batch_shape = flat
+            out = run(Call(q.reshape(b, *q.shape[-3:]), k.reshape(b, *k.shape[-3:]),
+                           v.reshape(b, *v.shape[-3:]), m, sc))[0]  # (B, Hq, Lq, Dv)
+            return out.reshape(*batch_shape, *out.shape[1:])  # (..., Hq, Lq, Dv)
+    return _attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                      dropout=dropout, return_weights=return_weights, backend=backend,
+                      generator=generator, plan_key=key)
 
 
 #: Set by :func:`qkv.capture` while it records: each is called as ``f(run, q, k, v, **opts)``
@@ -81,14 +105,21 @@ _observers: list = []
 
 
 def _attention(q, k, v, *, mask, causal, window, scale, dropout, return_weights, backend,
-               generator):
+               generator, plan_key=None):
+    """The full path: validate, choose, run; remembers a plan under ``plan_key`` (a plain
+    call's signature) when the call needed no zeroing of hidden keys."""
+    plain = plan_key is not None
     call, batch_shape = prepare_call(
         q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout=dropout,
         return_weights=return_weights, generator=generator,
     )
     be = _choose(call, backend)
     if not be.handles_hidden_keys:
-        call = _zero_hidden_keys(call)
+        zeroed = _zero_hidden_keys(call)
+        plain = plain and zeroed is call  # a plan must not skip zeroing hidden keys
+        call = zeroed
+    if plain:
+        _remember(plan_key, be, call, batch_shape)
     out, weights = be.run(call)
     out = out.reshape(*batch_shape, *out.shape[1:])  # (..., Hq, Lq, Dv)
     if return_weights:
@@ -130,6 +161,26 @@ def explain(
     )
 
 
+# ---- plans of plain calls -----------------------------------------------------------------
+# A plain call has no tensor mask, window, dropout, returned weights or generator. Its
+# signature (the key) is the shapes, dtypes and devices of q, k and v, ``causal``, ``scale``
+# and the memory budget that ``auto`` reads. Every check of prepare_call depends on nothing
+# else, and neither does the backend auto picks nor the canonical mask, so a call whose
+# signature was seen before is valid and goes where the first one went: its plan is
+# (backend.run, mask, scale, None or (B, batch_shape) when the batch dims must be folded).
+_PLANS = _kernels.PLANS  # register() empties it
+
+_parse_window = parse_window  # its old home; code that read it here keeps working
+_MAX_PLANS = 256  # distinct signatures kept; the cache starts over when full
+
+
+def _remember(key: tuple, be, call: Call, batch_shape: tuple[int, ...]) -> None:
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    flat = None if len(batch_shape) == 1 else (call.batch, batch_shape)
+    _PLANS[key] = (be.run, call.mask, call.scale, flat)
+
+
 # ---- choosing a backend -------------------------------------------------------------------
 def _choose(call: Call, name: str):
     if name != "auto":
@@ -150,7 +201,8 @@ def _choose(call: Call, name: str):
                       "; skipped " + "; ".join(reasons) if reasons else "")
             return be
         reasons.append(f"{candidate}: no {why}")
-    raise ValueError("no backend supports this call: " + "; ".join(reasons))
+    raise ValueError("no backend supports this call: " + "; ".join(reasons) +
+                     ". Fix: drop the option the backends lack")
 
 
 def _zero_hidden_keys(call: Call) -> Call:
@@ -171,30 +223,39 @@ def prepare_call(q, k, v, *, mask=None, causal=False, window=None, scale=None, d
     backend receives (leading batch dims flattened into one, every mask folded into one
     :class:`~qkv.masks.Mask`); returns ``(call, batch_shape)``. For code that drives the
     kernels of :mod:`qkv.kernels` directly; everything else calls :func:`attention`."""
+    if v is None:  # check_qkv takes None for "no values"; attention needs them
+        raise TypeError("v must be a torch.Tensor; got NoneType. Fix: pass the values "
+                        "(..., Hkv, Lk, Dv)")
     check_qkv(q, k, v)
     batch_shape = tuple(q.shape[:-3])
     hq, lq, d = q.shape[-3:]
     hkv, lk, _ = k.shape[-3:]
     dv = v.shape[-1]
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be True or False; got {causal!r}")
+        raise TypeError(f"causal must be True or False; got {causal!r}. Fix: causal=bool(...)")
     if not isinstance(return_weights, bool):
-        raise TypeError(f"return_weights must be True or False; got {return_weights!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
-        0.0 <= dropout < 1.0
-    ):
-        raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}")
+        raise TypeError(f"return_weights must be True or False; got {return_weights!r}. "
+                        "Fix: return_weights=bool(...)")
+    dropout = _real("dropout", dropout, "dropout=0.1 (0 turns it off)")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}. "
+                         "Fix: dropout=0.1, or 0 to turn it off")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+        raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}."
+                        " Fix: generator=torch.Generator().manual_seed(0)")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(
-        scale
-    ):
-        raise ValueError(f"scale must be a finite number; got {scale!r}")
-    left, right = _parse_window(window)
+    else:
+        scale = _real("scale", scale, f"leave scale=None for 1/sqrt(D) = {1 / math.sqrt(d):.4g}")
+    left, right = parse_window(window)
     if causal:
         right = 0 if right is None else min(right, 0)
+    # A side at least as wide as the sequences bounds nothing: query i's relative key
+    # positions j - (i + Lk - Lq) lie in [-(Lk - 1), Lq - 1].
+    if left is not None and left >= lk:
+        left = None
+    if right is not None and right >= lq:
+        right = None
 
     b = math.prod(batch_shape)
     allowed, bias = _canonical_mask(mask, batch_shape, (hq, lq, lk), q.device)
@@ -207,28 +268,15 @@ def prepare_call(q, k, v, *, mask=None, causal=False, window=None, scale=None, d
     return call, batch_shape
 
 
-def _parse_window(window) -> tuple[int | None, int | None]:
-    if window is None:
-        return None, None
-    if isinstance(window, bool):
-        raise TypeError(f"window must be an int or a (left, right) pair; got {window!r}")
-    if isinstance(window, int):
-        window = (window, window)
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise TypeError(f"window must be an int w or a (left, right) pair; got {window!r}. "
-                        "Fix: window=(128, 0) for 128 keys to the left and none to the right")
-    out = []
-    for side, w in zip(("left", "right"), window, strict=True):
-        if w is None:
-            out.append(None)
-            continue
-        if isinstance(w, bool) or not isinstance(w, int):
-            raise TypeError(f"window {side} must be an int or None; got {w!r}")
-        if w < 0:
-            raise ValueError(f"window {side} must be >= 0; got {w}. Fix: window=(left, right) "
-                             "counts keys on each side of the query's own position")
-        out.append(w)
-    return out[0], out[1]
+def _real(name: str, x, fix: str) -> float:
+    """``x`` as a finite float: any real number (Python or NumPy), not bool, NaN or inf."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(x).__name__} {x!r}. "
+                        f"Fix: {fix}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number; got {x!r}. Fix: {fix}")
+    return x
 
 
 def _canonical_mask(mask, batch_shape, hql, device):
@@ -236,12 +284,17 @@ def _canonical_mask(mask, batch_shape, hql, device):
     if mask is None:
         return None, None
     if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor (bool or float); got {type(mask).__name__}")
+        raise TypeError(f"mask must be a torch.Tensor (bool or float); got {type(mask).__name__}. "
+                        "Fix: mask=torch.as_tensor(mask, device=q.device)")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
             f"mask must be bool (True = may attend) or float (added to the scores); got dtype "
             f"{mask.dtype}. Fix: mask.bool() if 1 means 'may attend'"
         )
+    if "meta" in (mask.device.type, device.type):
+        raise ValueError(f"mask is on {mask.device} and q on {device}; the meta device holds "
+                         "no values to mask with. Fix: build the mask and q, k, v on a real "
+                         "device")
     if mask.device != device:
         raise ValueError(f"mask is on {mask.device} but q is on {device}. Fix: mask.to(q.device)")
     full = (*batch_shape, *hql)
@@ -258,8 +311,9 @@ def _canonical_mask(mask, batch_shape, hql, device):
     nb = len(batch_shape)
     if all(s == 1 for s in m.shape[:nb]):
         m = m.reshape(1, *m.shape[nb:])  # (1, Hq|1, Lq|1, Lk|1)
-    else:
-        m = m.expand(*batch_shape, *m.shape[nb:]).reshape(-1, *m.shape[nb:])
+    else:  # the batch size is explicit: -1 is ambiguous when Lq or Lk is 0
+        m = m.expand(*batch_shape, *m.shape[nb:]).reshape(
+            math.prod(batch_shape), *m.shape[nb:])  # (B, Hq|1, Lq|1, Lk|1)
     if mask.dtype == torch.bool:
         return m, None
     return None, m

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import attention
@@ -40,11 +43,20 @@ class KVCache:
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add keys ``(B, Hkv, T, D)`` and values ``(B, Hkv, T, Dv)``; return all so far."""
+        if not isinstance(k, Tensor) or not isinstance(v, Tensor):
+            raise TypeError(f"KVCache.append expects tensors k and v; got "
+                            f"{type(k).__name__} and {type(v).__name__}. Fix: pass "
+                            "torch.as_tensor(k), torch.as_tensor(v)")
         if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
             raise ValueError(f"KVCache.append expects k (B, H, T, D) and v (B, H, T, Dv); got "
-                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+                             f"{tuple(k.shape)} and {tuple(v.shape)}. Fix: one value per key, "
+                             "both shaped (batch, heads, tokens, dim)")
         t = k.shape[2]
         if self._k is None:
+            if k.dtype != v.dtype or k.device != v.device or not k.is_floating_point():
+                raise TypeError(f"KVCache.append expects floating-point k and v of one dtype "
+                                f"on one device; got {k.dtype} on {k.device} and {v.dtype} on "
+                                f"{v.device}. Fix: v.to(k)")
             cap = max(16, t)
             self._k = k.new_empty(*k.shape[:2], cap, k.shape[3])
             self._v = v.new_empty(*v.shape[:2], cap, v.shape[3])
@@ -52,7 +64,13 @@ class KVCache:
               or v.shape[3] != self._v.shape[3]):
             raise ValueError(f"KVCache holds keys {tuple(self._k.shape[:2])}+(L, "
                              f"{self._k.shape[3]}); cannot append {tuple(k.shape)}. The batch "
-                             "and heads must stay the same (use reorder() for beams)")
+                             "and heads must stay the same. Fix: reorder() selects beams; "
+                             "reset() starts over")
+        elif k.dtype != self._k.dtype or v.dtype != self._v.dtype or k.device != self._k.device \
+                or v.device != self._v.device:
+            raise TypeError(f"KVCache holds {self._k.dtype} on {self._k.device}; cannot append "
+                            f"{k.dtype} on {k.device} and {v.dtype} on {v.device} without "
+                            "changing them. Fix: k.to(cache.k), or reset() to start over")
         need = self.length + t
         if need > self._k.shape[2]:
             cap = max(need, 2 * self._k.shape[2])
@@ -65,13 +83,52 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search keeps the surviving beams): ``index (B',)``."""
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype not in (
+            torch.int32, torch.int64
+        ):
+            got = (f"{index.dtype} of shape {tuple(index.shape)}" if isinstance(index, Tensor)
+                   else type(index).__name__)
+            raise TypeError(f"KVCache.reorder expects an int64 tensor of batch rows (B',); got "
+                            f"{got}. Fix: torch.tensor(rows, dtype=torch.long)")
         if self._k is not None:
+            b = self._k.shape[0]
+            if index.numel() and (int(index.min()) < -b or int(index.max()) >= b):
+                raise ValueError(f"KVCache.reorder: rows must be in 0..{b - 1} (the cache holds "
+                                 f"{b} rows); got {index.tolist()}. Fix: select among the "
+                                 "rows the cache holds")
+            if index.device != self._k.device:
+                raise ValueError(f"KVCache.reorder: index is on {index.device} but the cache on "
+                                 f"{self._k.device}. Fix: index.to(cache.k.device)")
             self._k = self._k.index_select(0, index)
             self._v = self._v.index_select(0, index)
 
     def reset(self) -> None:
         self._k = self._v = None
         self.length = 0
+
+
+def _global_hooks() -> bool:
+    """True when hooks registered for every module (nn.modules.module.register_module_
+    forward_hook and friends) expect to see the projections called."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
+
+
+def _has_hooks(lin: nn.Module) -> bool:
+    return bool(lin._forward_hooks or lin._forward_pre_hooks or lin._backward_hooks
+                or lin._backward_pre_hooks)
+
+
+def _project(lin: nn.Module, x: Tensor) -> Tensor:
+    """``lin(x)``; for a plain nn.Linear without hooks, straight to F.linear (what its
+    forward does), sparing nn.Module's call machinery on every attention call."""
+    if type(lin) is nn.Linear and not (_has_hooks(lin) or _global_hooks()):
+        p = lin._parameters
+        w = p.get("weight")
+        if w is not None:
+            return F.linear(x, w, p.get("bias"))
+    return lin(x)
 
 
 def _grow(t: Tensor, capacity: int, used: int) -> Tensor:
@@ -111,20 +168,32 @@ class MultiHeadAttention(nn.Module):
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads),
-                          ("num_kv_heads", num_kv_heads)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int; got {val!r}")
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; "
-                             "each head gets embed_dim // num_heads dims")
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads {num_kv_heads} does not divide num_heads {num_heads};"
-                             " the query heads must be a multiple of the key heads (GQA)")
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}")
         kdim = embed_dim if kdim is None else kdim
         vdim = embed_dim if vdim is None else vdim
+        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads),
+                          ("num_kv_heads", num_kv_heads), ("kdim", kdim), ("vdim", vdim)):
+            if isinstance(val, bool) or not isinstance(val, numbers.Integral):
+                raise TypeError(f"{name} must be a positive int; got {type(val).__name__} "
+                                f"{val!r}. Fix: {name}=int(...)")
+            if val < 1:
+                raise ValueError(f"{name} must be a positive int; got {val!r}. Fix: a size "
+                                 "of at least 1")
+        embed_dim, num_heads, num_kv_heads = int(embed_dim), int(num_heads), int(num_kv_heads)
+        kdim, vdim = int(kdim), int(vdim)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}; "
+                             "each head gets embed_dim // num_heads dims. Fix: num_heads that "
+                             "divides embed_dim")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads {num_kv_heads} does not divide num_heads {num_heads};"
+                             " the query heads must be a multiple of the key heads (GQA). Fix: "
+                             "num_kv_heads that divides num_heads")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"dropout must be a probability in [0, 1); got "
+                            f"{type(dropout).__name__} {dropout!r}. Fix: dropout=0.1, or 0")
+        if not 0.0 <= float(dropout) < 1.0:  # also refuses NaN
+            raise ValueError(f"dropout must be a probability in [0, 1); got {dropout!r}. "
+                             "Fix: dropout=0.1, or 0 to turn it off")
         fk = {"device": device, "dtype": dtype}
         self.embed_dim, self.kdim, self.vdim = embed_dim, kdim, vdim
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
@@ -135,7 +204,67 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(vdim, num_kv_heads * self.head_dim, bias=bias, **fk)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self.rotary = rotary
+        self._packed: tuple[Tensor, Tensor | None] | None = None
+        self._pack()
         self.reset_parameters()
+
+    # ---- one matmul for q, k and v ---------------------------------------------------------
+    # The weights (and biases) of q_proj, k_proj and v_proj are rows of one buffer, so that
+    # self-attention without gradients projects x with one matmul, reading the parameters'
+    # live memory (never a copy that could go stale). Anything that re-points a parameter
+    # elsewhere (assigning .data, load_state_dict(assign=True)) or hooks on the projections
+    # turn this off: every call checks; .to()/.half() re-pack.
+    def _pack(self) -> None:
+        lins = (self.q_proj, self.k_proj, self.v_proj)
+        ws = [lin.weight for lin in lins]
+        self._packed = None
+        if any(w.dtype != ws[0].dtype or w.device != ws[0].device or w.shape[1] != ws[0].shape[1]
+               for w in ws) or ws[0].device.type == "meta":
+            return
+        has_bias = self.q_proj.bias is not None
+        with torch.no_grad():
+            packed_w = torch.cat([w.detach() for w in ws])  # (E + 2 Hkv Dh, E)
+            packed_b = torch.cat([lin.bias.detach() for lin in lins]) if has_bias else None
+            rows, layout = 0, []
+            for lin in lins:
+                n = lin.weight.shape[0]
+                lin.weight.data = packed_w[rows : rows + n]
+                if has_bias:
+                    lin.bias.data = packed_b[rows : rows + n]
+                # element offsets of this projection's weight and bias, weight's size
+                layout.append((rows * packed_w.shape[1], rows, lin.weight.numel()))
+                rows += n
+        self._packed = (packed_w, packed_b, tuple(layout))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._pack()
+        return self
+
+    def _packed_in_proj(self) -> tuple[Tensor, Tensor | None] | None:
+        """The packed (weight, bias) while the q/k/v parameters are still its rows (and
+        no hook expects the projections to be called), else None. Reads ``_modules`` and
+        ``_parameters`` directly: nn.Module's attribute lookup costs more than the check."""
+        p = self._packed
+        if p is None or _global_hooks():
+            return None
+        w, b, layout = p
+        mods = self._modules
+        size = w.element_size()
+        wp, bp = w.data_ptr(), (0 if b is None else b.data_ptr())
+        for name, (w_off, b_off, numel) in zip(("q_proj", "k_proj", "v_proj"), layout, strict=True):
+            lin = mods[name]
+            if type(lin) is not nn.Linear or _has_hooks(lin):  # hooks must see their call
+                return None
+            params = lin._parameters
+            lw, lb = params.get("weight"), params.get("bias")
+            if (lw is None or lw.data_ptr() != wp + w_off * size or lw.dtype != w.dtype
+                    or lw.numel() != numel or not lw.is_contiguous()):
+                return None
+            if (lb is None) != (b is None) or (b is not None and (
+                    lb.data_ptr() != bp + b_off * size or lb.dtype != b.dtype)):
+                return None
+        return w, b
 
     def reset_parameters(self) -> None:
         """Initialise as ``torch.nn.MultiheadAttention`` does (Xavier, zero biases)."""
@@ -175,22 +304,41 @@ class MultiHeadAttention(nn.Module):
         counts every cached key. Returns ``out (B, Lq, E)`` and, with ``need_weights``,
         the per-head weights ``(B, Hq, Lq, Lk)``.
         """
-        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (B, L, {self.embed_dim}); got {got}")
-        is_cross = context is not None
-        if is_cross and (not isinstance(context, Tensor) or context.dim() != 3
-                         or context.shape[0] != x.shape[0] or context.shape[-1] != self.kdim):
-            got = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
-            raise ValueError(f"context must have shape ({x.shape[0]}, Lk, {self.kdim}); "
-                             f"got {got}")
-        if is_cross and self.kdim != self.vdim:
-            raise ValueError("this module has kdim != vdim; pass context as (keys, values) "
-                             "through forward_kv instead")
-        if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a qkv.KVCache; got {type(cache).__name__}")
+        if context is not None:
+            self._check_seq("x", x, None, self.embed_dim)
+            self._check_seq("context", context, x, self.kdim)
+            if self.kdim != self.vdim:
+                raise ValueError(f"this module has kdim={self.kdim} != vdim={self.vdim}, so one "
+                                 "context cannot give both keys and values. Fix: "
+                                 "forward_kv(x, key, value)")
         return self.forward_kv(x, context, context, mask=mask, causal=causal, window=window,
                                need_weights=need_weights, cache=cache, backend=backend)
+
+    def _check_seq(self, name: str, t, x: Tensor | None, dim: int) -> None:
+        """Refuse ``t`` unless it is a (B, L, dim) tensor (B that of ``x`` when given)."""
+        if (isinstance(t, Tensor) and t.dim() == 3 and t.shape[-1] == dim
+                and (x is None or t.shape[0] == x.shape[0])):
+            return
+        got = f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+        b = "B" if x is None else x.shape[0]
+        exc = ValueError if isinstance(t, Tensor) else TypeError
+        raise exc(f"{name} must be a tensor of shape ({b}, L, {dim}); got {got}. Fix: "
+                  f"{name} of shape (batch, tokens, {dim})"
+                  + ("" if x is None else ", with the batch of x"))
+
+    def _explain_failure(self, x: Tensor, key, value) -> None:
+        """After a RuntimeError inside forward: raise the input error that caused it, if any."""
+        w = self.q_proj.weight
+        for name, t in (("x", x), ("key", key), ("value", value)):
+            if t is None:
+                continue
+            if t.dtype != w.dtype:
+                raise TypeError(f"{name} is {t.dtype} but the module's parameters are "
+                                f"{w.dtype}. Fix: {name}.to({w.dtype}) or module.to({t.dtype})")
+            if t.device != w.device:
+                raise ValueError(f"{name} is on {t.device} but the module's parameters on "
+                                 f"{w.device}. Fix: {name}.to({str(w.device)!r}) or "
+                                 f"module.to({str(t.device)!r})")
 
     def forward_kv(
         self,
@@ -207,21 +355,57 @@ class MultiHeadAttention(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Like :meth:`forward` with separate key ``(B, Lk, kdim)`` and value
         ``(B, Lk, vdim)`` inputs (None for self-attention)."""
-        b, lq, _ = x.shape
+        self._check_seq("x", x, None, self.embed_dim)
         is_cross = key is not None
-        if not is_cross and (self.kdim != self.embed_dim or self.vdim != self.embed_dim):
+        if is_cross or value is not None:
+            self._check_seq("key", key, x, self.kdim)
+            self._check_seq("value", value, x, self.vdim)
+            if key.shape[1] != value.shape[1]:
+                raise ValueError(f"key has {key.shape[1]} tokens but value {value.shape[1]}; "
+                                 "each key needs exactly one value. Fix: key and value from "
+                                 "the same tokens")
+        elif self.kdim != self.embed_dim or self.vdim != self.embed_dim:
             raise ValueError(f"self-attention needs kdim == vdim == embed_dim; this module has "
                              f"kdim={self.kdim}, vdim={self.vdim}, embed_dim={self.embed_dim}. "
                              "Fix: pass a context for cross-attention")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a qkv.KVCache; got {type(cache).__name__}. Fix: "
+                            "cache=qkv.KVCache(), one per layer")
+        if need_weights is not True and need_weights is not False:
+            raise TypeError(f"need_weights must be True or False; got {need_weights!r}. Fix: "
+                            "need_weights=bool(...)")
+        try:
+            return self._attend(x, key, value, mask=mask, causal=causal, window=window,
+                                need_weights=need_weights, cache=cache, backend=backend)
+        except RuntimeError:
+            self._explain_failure(x, key, value)
+            raise
+
+    def _attend(self, x, key, value, *, mask, causal, window, need_weights, cache, backend):
+        b, lq, _ = x.shape
+        is_cross = key is not None
         offset = 0 if (cache is None or is_cross) else cache.length
-        q = self._split(self.q_proj(x), self.num_heads)  # (B, Hq, Lq, Dh)
-        if is_cross and cache is not None and cache.length > 0:
+        packed = None if is_cross or torch.is_grad_enabled() else self._packed_in_proj()
+        if packed is not None:  # self-attention, no gradients: one matmul
+            hq, hkv = self.num_heads, self.num_kv_heads
+            heads = F.linear(x, *packed).view(b, lq, hq + 2 * hkv, self.head_dim).transpose(1, 2)
+            q = heads[:, :hq]  # (B, Hq, Lq, Dh)
+            k = heads[:, hq : hq + hkv]  # (B, Hkv, Lk, Dh)
+            v = heads[:, hq + hkv :]  # (B, Hkv, Lk, Dh)
+        else:
+            q = self._split(_project(self.q_proj, x), self.num_heads)  # (B, Hq, Lq, Dh)
+        if packed is not None:
+            if self.rotary is not None:
+                k = self.rotary(k, offset)
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, Hkv, offset + Lk, Dh)
+        elif is_cross and cache is not None and cache.length > 0:
             k, v = cache.k, cache.v  # the context was projected on the first step
         else:
             src_k = x if key is None else key
             src_v = x if value is None else value
-            k = self._split(self.k_proj(src_k), self.num_kv_heads)  # (B, Hkv, Lk, Dh)
-            v = self._split(self.v_proj(src_v), self.num_kv_heads)  # (B, Hkv, Lk, Dh)
+            k = self._split(_project(self.k_proj, src_k), self.num_kv_heads)  # (B, Hkv, Lk, Dh)
+            v = self._split(_project(self.v_proj, src_v), self.num_kv_heads)  # (B, Hkv, Lk, Dh)
             if self.rotary is not None and not is_cross:
                 k = self.rotary(k, offset)
             if cache is not None:
@@ -235,7 +419,7 @@ class MultiHeadAttention(nn.Module):
         )
         out, weights = res if need_weights else (res, None)
         out = out.transpose(1, 2).reshape(b, lq, self.embed_dim)  # (B, Lq, E)
-        out = self.out_proj(out)  # (B, Lq, E)
+        out = _project(self.out_proj, out)  # (B, Lq, E)
         return (out, weights) if need_weights else out
 
     # ---- exact conversion to and from torch.nn.MultiheadAttention --------------------------
@@ -248,10 +432,11 @@ class MultiHeadAttention(nn.Module):
         """
         if not isinstance(m, nn.MultiheadAttention):
             raise TypeError(f"from_torch expects torch.nn.MultiheadAttention; got "
-                            f"{type(m).__name__}")
+                            f"{type(m).__name__}. Fix: pass the torch module itself")
         if m.bias_k is not None or m.add_zero_attn:
             raise ValueError("from_torch cannot convert add_bias_kv=True or add_zero_attn=True;"
-                             " qkv has no extra learned or zero key")
+                             " qkv has no extra learned or zero key. Fix: convert a module "
+                             "built without them")
         w = m.in_proj_weight if m._qkv_same_embed_dim else None
         has_bias = m.in_proj_bias is not None
         p = next(m.parameters())
@@ -281,9 +466,11 @@ class MultiHeadAttention(nn.Module):
         """A ``torch.nn.MultiheadAttention(batch_first=True)`` with the same weights."""
         if self.num_kv_heads != self.num_heads:
             raise ValueError(f"to_torch cannot convert GQA (num_kv_heads={self.num_kv_heads} != "
-                             f"num_heads={self.num_heads}); torch's module has no GQA")
+                             f"num_heads={self.num_heads}); torch's module has no GQA. Fix: "
+                             "build it with num_kv_heads=num_heads")
         if self.rotary is not None:
-            raise ValueError("to_torch cannot convert a module with rotary embeddings")
+            raise ValueError("to_torch cannot convert a module with rotary embeddings; torch's "
+                             "module has none. Fix: build it with rotary=None")
         has_bias = self.q_proj.bias is not None
         p = self.q_proj.weight
         m = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,

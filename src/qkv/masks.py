@@ -18,6 +18,7 @@ band (:meth:`Mask.band_block_state`), so they can skip it without looking at it.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from enum import Enum
 
@@ -179,20 +180,73 @@ def _slice_last2(t: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor:
     return t[..., rows, cols]
 
 
+# ---- checks shared by qkv.attention and the builders ------------------------------------------
+def parse_window(window) -> tuple[int | None, int | None]:
+    """``window`` as (left, right), each an int >= 0 or None (unbounded); refuses others."""
+    if window is None:
+        return None, None
+    if isinstance(window, bool):
+        raise TypeError(f"window must be an int or a (left, right) pair; got {window!r}. "
+                        "Fix: window=(128, 0) for 128 keys to the left and none to the right")
+    if isinstance(window, numbers.Integral):
+        window = (window, window)
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be an int w or a (left, right) pair; got {window!r}. "
+                        "Fix: window=(128, 0) for 128 keys to the left and none to the right")
+    out = []
+    for side, w in zip(("left", "right"), window, strict=True):
+        if w is None:
+            out.append(None)
+            continue
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window {side} must be an int or None; got {w!r}. Fix: "
+                            f"window=(left, right) with ints, None for no bound")
+        if w < 0:
+            raise ValueError(f"window {side} must be >= 0; got {w}. Fix: window=(left, right) "
+                             "counts keys on each side of the query's own position")
+        out.append(int(w))
+    return out[0], out[1]
+
+
+def _check_length(name: str, n) -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{name} must be an int (a number of tokens); got {n!r}. "
+                        f"Fix: pass int({name})")
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0; got {n}. Fix: pass the number of tokens")
+    return int(n)
+
+
+def _device(device) -> torch.device:
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must name a torch device; got {device!r}. "
+                         "Fix: device='cpu' or device=q.device") from None
+    if dev.type == "meta":
+        raise ValueError("device is 'meta', which holds no values; a mask must hold them. "
+                         "Fix: build it on q's device")
+    return dev
+
+
 # ---- mask builders for users ----------------------------------------------------------------
 def causal_mask(lq: int, lk: int | None = None, *, device=None) -> Tensor:
     """Bool (Lq, Lk), True = may attend, bottom-right aligned: j <= i + (Lk - Lq)."""
-    lk = lq if lk is None else lk
+    lq = _check_length("lq", lq)
+    lk = lq if lk is None else _check_length("lk", lk)
     m = Mask(lq, lk, causal=True, right=0)
-    return m.band(0, lq, 0, lk, torch.device(device or "cpu"))
+    return m.band(0, lq, 0, lk, _device(device))
 
 
 def window_mask(lq: int, lk: int | None = None, window=0, *, device=None) -> Tensor:
     """Bool (Lq, Lk) of a local window ``(left, right)`` (or an int w for (w, w))."""
-    lk = lq if lk is None else lk
-    left, right = (window, window) if isinstance(window, int) else window
+    lq = _check_length("lq", lq)
+    lk = lq if lk is None else _check_length("lk", lk)
+    left, right = parse_window(window)
     m = Mask(lq, lk, left=left, right=right)
-    return m.band(0, lq, 0, lk, torch.device(device or "cpu"))
+    if not m.has_band:  # window=None or (None, None): nothing hidden
+        return torch.ones(lq, lk, dtype=torch.bool, device=_device(device))
+    return m.band(0, lq, 0, lk, _device(device))
 
 
 def padding_mask(lengths_or_keep: Tensor, max_len: int | None = None) -> Tensor:
@@ -204,20 +258,33 @@ def padding_mask(lengths_or_keep: Tensor, max_len: int | None = None) -> Tensor:
     t = lengths_or_keep
     if not isinstance(t, Tensor):
         raise TypeError("padding_mask expects a tensor of lengths (B,) or a bool (B, Lk); "
-                        f"got {type(t).__name__}")
+                        f"got {type(t).__name__}. Fix: padding_mask(torch.tensor(lengths))")
+    if t.device.type == "meta":
+        raise ValueError("padding_mask got a tensor on the meta device, which holds no "
+                         "values. Fix: pass the lengths on q's device")
     if t.dtype == torch.bool:
         if t.dim() != 2:
-            raise ValueError(f"a bool padding mask must have shape (B, Lk); got {tuple(t.shape)}")
+            raise ValueError(f"a bool padding mask must have shape (B, Lk); got "
+                             f"{tuple(t.shape)}. Fix: one row of True (real) / False "
+                             "(padding) per batch row")
+        if max_len is not None:
+            raise TypeError("max_len goes with lengths, not with a bool (B, Lk) mask, whose "
+                            "Lk is its width. Fix: leave max_len out")
         return t[:, None, None, :]  # (B, 1, 1, Lk)
-    if t.is_floating_point() or t.dim() != 1:
+    if t.is_floating_point() or t.is_complex() or t.dim() != 1:
         raise ValueError(
             "lengths must be an integer tensor of shape (B,); got dtype "
-            f"{t.dtype}, shape {tuple(t.shape)}"
+            f"{t.dtype}, shape {tuple(t.shape)}. Fix: torch.tensor([3, 5]) for two rows of "
+            "3 and 5 real keys"
         )
+    if max_len is not None:
+        max_len = _check_length("max_len", max_len)
     if t.numel() and int(t.min()) < 0:
-        raise ValueError(f"lengths must be >= 0; got {t.tolist()}")
+        raise ValueError(f"lengths must be >= 0; got {t.tolist()}. Fix: count real keys "
+                         "per row")
     lk = int(t.max()) if max_len is None and t.numel() else (max_len or 0)
     if t.numel() and int(t.max()) > lk:
-        raise ValueError(f"a length of {int(t.max())} exceeds max_len={lk}")
+        raise ValueError(f"a length of {int(t.max())} exceeds max_len={lk}. Fix: "
+                         f"max_len={int(t.max())} or more")
     keep = torch.arange(lk, device=t.device)[None, :] < t[:, None]  # (B, Lk)
     return keep[:, None, None, :]

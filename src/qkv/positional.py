@@ -24,7 +24,7 @@ __all__ = ["RotaryEmbedding", "sinusoidal"]
 def _check_dim(name: str, dim: int) -> None:
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
         raise ValueError(f"{name} must be an even int >= 2 (dimensions come in sin/cos "
-                         f"pairs); got {dim!r}")
+                         f"pairs); got {dim!r}. Fix: an even size, such as 64")
 
 
 def _inverse_frequencies(dim: int, base: float, device=None) -> Tensor:
@@ -44,9 +44,11 @@ def sinusoidal(length: int, dim: int, *, offset: int = 0, base: float = 10000.0,
     """
     _check_dim("dim", dim)
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-        raise ValueError(f"length must be an int >= 0; got {length!r}")
+        raise ValueError(f"length must be an int >= 0; got {length!r}. Fix: the number of "
+                         "positions")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be an int >= 0; got {offset!r}")
+        raise ValueError(f"offset must be an int >= 0; got {offset!r}. Fix: the first "
+                         "position, 0 or more")
     pos = torch.arange(offset, offset + length, dtype=torch.float64, device=device)  # (L,)
     angle = pos[:, None] * _inverse_frequencies(dim, base, device)[None, :]  # (L, dim/2)
     table = torch.stack([angle.sin(), angle.cos()], dim=-1)  # (L, dim/2, 2)
@@ -70,7 +72,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         _check_dim("head_dim", head_dim)
         if not isinstance(base, (int, float)) or isinstance(base, bool) or base <= 1:
-            raise ValueError(f"base must be a number > 1; got {base!r}")
+            raise ValueError(f"base must be a number > 1; got {base!r}. Fix: base=10000.0")
         self.head_dim = head_dim
         self.base = float(base)
         self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
@@ -92,9 +94,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         if x.dim() != 4 or x.shape[-1] != self.head_dim:
             raise ValueError(f"rotary expects x of shape (B, H, L, {self.head_dim}); got "
-                             f"{tuple(x.shape)}")
+                             f"{tuple(x.shape)}. Fix: split the heads first, head dim "
+                             f"{self.head_dim}")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset must be an int >= 0; got {offset!r}")
+            raise ValueError(f"offset must be an int >= 0; got {offset!r}. Fix: the position "
+                             "of x's first row (the KV-cache length)")
         length = x.shape[2]
         cos, sin = self._cos_sin(offset + length, x.device)
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -53,22 +53,33 @@ def check_qkv(q, k, v, *, dims: int | None = None) -> None:
     shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
     if len({t.dim() for t in tensors}) > 1:
         raise ValueError(f"{names} must have the same number of dims; got "
-                         f"{', '.join(str(t.dim()) for t in tensors)} (shapes {shapes})")
+                         f"{', '.join(str(t.dim()) for t in tensors)} (shapes {shapes}). "
+                         "Fix: give each the shape (..., heads, length, dim) with the same "
+                         "leading dims")
     if len({tuple(t.shape[:-3]) for t in tensors}) > 1:
         raise ValueError(f"{names} must share their leading (batch) dims; got "
-                         f"{', '.join(str(tuple(t.shape[:-3])) for t in tensors)}")
+                         f"{', '.join(str(tuple(t.shape[:-3])) for t in tensors)}. "
+                         "Fix: expand the smaller ones, e.g. k.expand(*q.shape[:-3], "
+                         "*k.shape[-3:])")
     hq, _, d = q.shape[-3:]
     hkv, lk, dk = k.shape[-3:]
     if dk != d:
         raise ValueError(f"k has head dim {dk} but q has {d}; the query and key dims must "
-                         "match (the scores are q @ k^T)")
+                         "match (the scores are q @ k^T). Fix: project q and k to one head "
+                         "dim")
     if d == 0:
-        raise ValueError("q and k have head dim 0; expected at least 1")
+        raise ValueError("q and k have head dim 0; expected at least 1. Fix: give each "
+                         "head at least one feature")
     if v is not None:
         hv, lv, _ = v.shape[-3:]
         if hv != hkv or lv != lk:
             raise ValueError(f"v has {hv} heads and length {lv} but k has {hkv} heads and "
-                             f"length {lk}; each key needs exactly one value")
+                             f"length {lk}; each key needs exactly one value. Fix: build k "
+                             "and v from the same tokens and heads")
+    if hq == 0:
+        raise ValueError(f"q has 0 heads (shape {tuple(q.shape)}); expected at least 1. "
+                         "Fix: q of shape (..., heads, length, dim) with heads >= 1")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"k has {hkv} heads but q has {hq}; the query heads must be a "
-                         "multiple of the key heads (GQA)")
+                         "multiple of the key heads (GQA). Fix: use Hkv heads for k and v "
+                         "with Hq % Hkv == 0")

@@ -19,6 +19,7 @@ from .reference import ReferenceBackend
 from .torch_sdpa import TorchSDPABackend
 
 __all__ = [
+    "PLANS",
     "REFERENCE_MEMORY_BUDGET",
     "Backend",
     "Call",
@@ -37,10 +38,15 @@ REFERENCE_MEMORY_BUDGET: int = 1 << 30
 
 _REGISTRY: dict[str, Backend] = {}
 
+#: What ``qkv.attention`` decided for the signatures of plain calls it has seen (see
+#: ``qkv.functional``); emptied by :func:`register`, since ``auto`` may then choose anew.
+PLANS: dict[tuple, tuple] = {}
+
 
 def register(backend: Backend) -> None:
     """Add a backend under ``backend.name`` (replacing one of the same name)."""
     _REGISTRY[backend.name] = backend
+    PLANS.clear()  # a cached choice may no longer be what auto would pick
 
 
 def names() -> list[str]:
@@ -50,12 +56,14 @@ def names() -> list[str]:
 
 def get(name: str) -> Backend:
     if not isinstance(name, str):
-        raise TypeError(f"backend must be a string; got {type(name).__name__}")
+        raise TypeError(f"backend must be a string; got {type(name).__name__}. "
+                        f"Fix: backend='auto' or one of {names()}")
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"unknown backend {name!r}; expected 'auto' or one of {names()}"
+            f"unknown backend {name!r}; expected 'auto' or one of {names()}. "
+            "Fix: backend='auto' picks the fastest that can do the call"
         ) from None
 
 

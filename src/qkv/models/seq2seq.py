@@ -102,6 +102,14 @@ class TransformerConfig:
         return cls(**d)
 
 
+def _drop(drop: nn.Dropout, x: Tensor) -> Tensor:
+    """``drop(x)``, skipped where it is the identity (evaluation, or p = 0): decoding and
+    dropout-free training call it a dozen times per token."""
+    if (drop.training and drop.p > 0) or drop._forward_hooks or drop._forward_pre_hooks:
+        return drop(x)
+    return x
+
+
 class FeedForward(nn.Module):
     """``W_2 · Drop(GELU(W_1 · x))``: ``(B, L, E) -> (B, L, E)`` through ``ff_dim`` units."""
 
@@ -112,7 +120,7 @@ class FeedForward(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.drop(F.gelu(self.fc1(x))))  # (B, L, E)
+        return self.fc2(_drop(self.drop, F.gelu(self.fc1(x))))  # (B, L, E)
 
 
 class EncoderLayer(nn.Module):
@@ -127,8 +135,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """``x (B, Ls, E)``; ``mask (B, 1, 1, Ls)`` True = real key, False = padding."""
-        x = x + self.drop(self.self_attn(self.norm1(x), mask=mask))  # (B, Ls, E)
-        return x + self.drop(self.ff(self.norm2(x)))  # (B, Ls, E)
+        x = x + _drop(self.drop, self.self_attn(self.norm1(x), mask=mask))  # (B, Ls, E)
+        return x + _drop(self.drop, self.ff(self.norm2(x)))  # (B, Ls, E)
 
 
 class DecoderLayer(nn.Module):
@@ -153,12 +161,12 @@ class DecoderLayer(nn.Module):
         """
         # One new query after cached keys sees every key: causal hides nothing there.
         causal = self_cache is None or self_cache.length == 0 or y.shape[1] > 1
-        y = y + self.drop(self.self_attn(self.norm1(y), causal=causal, cache=self_cache))
+        y = y + _drop(self.drop, self.self_attn(self.norm1(y), causal=causal, cache=self_cache))
         res = self.cross_attn(self.norm2(y), memory, mask=memory_mask, cache=cross_cache,
                               need_weights=need_weights)
         out, weights = res if need_weights else (res, None)
-        y = y + self.drop(out)  # (B, Lt, E)
-        return y + self.drop(self.ff(self.norm3(y))), weights  # (B, Lt, E)
+        y = y + _drop(self.drop, out)  # (B, Lt, E)
+        return y + _drop(self.drop, self.ff(self.norm3(y))), weights  # (B, Lt, E)
 
 
 class DecodeState:
@@ -233,7 +241,7 @@ class Transformer(nn.Module):
         x = self.embed(ids) * math.sqrt(self.config.d_model)  # (B, L, E)
         if self.config.positions == "sinusoidal":
             x = x + self._positions(offset, ids.shape[1], x)  # (B, L, E)
-        return self.drop(x)
+        return _drop(self.drop, x)
 
     def _check_ids(self, name: str, ids: Tensor) -> None:
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:

@@ -1,0 +1,197 @@
+"""The cheap common path keeps every check's meaning.
+
+qkv.attention caches, per signature of a plain call, what it validated and which backend
+it chose; MultiHeadAttention projects q, k and v with one matmul when no gradient is
+needed. These tests change what the cache keys on, or what the packed matmul reads, and
+check the result is still validated and still right.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import qkv
+from qkv import kernels
+from qkv.kernels.reference import ReferenceBackend
+from qkv.positional import RotaryEmbedding
+
+from helpers import oracle
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("lead", [(), (2,), (2, 3)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_repeated_plain_calls_match_the_oracle(lead, causal):
+    q, k, v = _rand(*lead, 3, 7, 5, seed=1), _rand(*lead, 3, 9, 5, seed=2), \
+        _rand(*lead, 3, 9, 4, seed=3)
+    for i in range(3):  # the first call plans, the others reuse the plan
+        qi, ki, vi = q + i, k - i, v * (i + 1)
+        out = qkv.attention(qi, ki, vi, causal=causal)
+        want = oracle(qi, ki, vi, causal=causal)[0]
+        assert out.shape == (*lead, 3, 7, 4)
+        torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+
+
+def test_a_cached_signature_does_not_let_bad_inputs_through():
+    q, k, v = _rand(1, 2, 3, 4), _rand(1, 2, 5, 4), _rand(1, 2, 5, 4)
+    qkv.attention(q, k, v)
+    qkv.attention(q, k, v)
+    with pytest.raises(TypeError, match="share one dtype"):
+        qkv.attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="head dim"):
+        qkv.attention(q, _rand(1, 2, 5, 3), v)
+    with pytest.raises(ValueError, match="scale"):
+        qkv.attention(q, k, v, scale=float("nan"))
+    with pytest.raises(TypeError, match="causal"):
+        qkv.attention(q, k, v, causal=1)
+
+
+def test_scale_is_part_of_the_signature():
+    q, k, v = _rand(1, 2, 3, 4), _rand(1, 2, 5, 4), _rand(1, 2, 5, 4)
+    a = qkv.attention(q, k, v, scale=0.5)
+    b = qkv.attention(q, k, v, scale=2.0)
+    torch.testing.assert_close(b.double(), oracle(q, k, v, scale=2.0)[0], atol=2e-6,
+                               rtol=1e-5)
+    assert not torch.allclose(a, b)
+
+
+def test_register_forgets_the_cached_choices():
+    q, k, v = _rand(1, 2, 3, 4), _rand(1, 2, 5, 4), _rand(1, 2, 5, 4)
+    qkv.attention(q, k, v)
+    calls = []
+
+    class Spy(ReferenceBackend):
+        name = "torch"  # takes the place auto gives the SDPA backend
+
+        def run(self, call):
+            calls.append(call)
+            return super().run(call)
+
+    old = kernels.get("torch")
+    try:
+        kernels.register(Spy())
+        qkv.attention(q, k, v)
+        qkv.attention(q, k, v)
+        assert len(calls) == 2
+    finally:
+        kernels.register(old)
+    qkv.attention(q, k, v)
+    assert len(calls) == 2
+
+
+def test_the_memory_budget_is_part_of_the_signature(monkeypatch):
+    q, k, v = _rand(1, 2, 3, 4), _rand(1, 2, 5, 4), _rand(1, 2, 5, 4)
+    qkv.attention(q, k, v)
+    chosen = []
+    monkeypatch.setattr(kernels, "REFERENCE_MEMORY_BUDGET", 0)
+    chunked = kernels.get("chunked")
+    monkeypatch.setattr(type(chunked), "run", lambda self, call: chosen.append(1) or
+                        (torch.zeros(*call.q.shape[:3], call.v.shape[-1]), None))
+    monkeypatch.setattr(kernels.get("torch"), "unsupported", lambda call: "spied")
+    qkv.attention(q, k, v)
+    assert chosen == [1]
+
+
+def test_debug_logging_still_says_what_auto_chose(caplog):
+    q, k, v = _rand(1, 2, 3, 4), _rand(1, 2, 5, 4), _rand(1, 2, 5, 4)
+    qkv.attention(q, k, v)
+    with caplog.at_level(logging.DEBUG, logger="qkv"):
+        qkv.attention(q, k, v)
+    assert any("auto chose" in r.getMessage() for r in caplog.records)
+
+
+# ---- MultiHeadAttention's packed projection ----------------------------------------------
+def _separate(mha: qkv.MultiHeadAttention, x):
+    """The module's function written out with its three projections, with gradients on."""
+    with torch.enable_grad():
+        return mha(x.clone().requires_grad_()).detach()
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_packed_projection_equals_the_separate_ones(kv_heads):
+    torch.manual_seed(0)
+    mha = qkv.MultiHeadAttention(30, 6, num_kv_heads=kv_heads).eval()
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.normal_()
+    assert mha._packed_in_proj() is not None
+    x = _rand(2, 7, 30, seed=4)
+    with torch.no_grad():
+        out = mha(x)
+    torch.testing.assert_close(out, _separate(mha, x), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_projection_reads_live_parameters():
+    torch.manual_seed(0)
+    mha = qkv.MultiHeadAttention(16, 2).eval()
+    x = _rand(1, 5, 16, seed=5)
+    with torch.no_grad():
+        mha.k_proj.weight.data.mul_(3.0)  # .data: no version bump, still seen
+        mha.v_proj.bias.data.add_(1.0)
+        out = mha(x)
+    torch.testing.assert_close(out, _separate(mha, x), atol=1e-5, rtol=1e-5)
+
+
+def test_re_pointed_parameters_turn_packing_off():
+    torch.manual_seed(0)
+    mha = qkv.MultiHeadAttention(16, 2).eval()
+    mha.k_proj.weight.data = torch.randn(16, 16)
+    assert mha._packed_in_proj() is None
+    x = _rand(1, 5, 16, seed=6)
+    with torch.no_grad():
+        out = mha(x)
+    torch.testing.assert_close(out, _separate(mha, x), atol=1e-5, rtol=1e-5)
+    sd = {k: torch.randn_like(v) for k, v in mha.state_dict().items()}
+    mha.load_state_dict(sd, assign=True)
+    with torch.no_grad():
+        out = mha(x)
+    torch.testing.assert_close(out, _separate(mha, x), atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_on_the_projections_still_fire():
+    mha = qkv.MultiHeadAttention(16, 2).eval()
+    seen = []
+    mha.q_proj.register_forward_hook(lambda m, i, o: seen.append("q"))
+    mha.out_proj.register_forward_hook(lambda m, i, o: seen.append("o"))
+    with torch.no_grad():
+        mha(_rand(1, 5, 16))
+    assert seen == ["q", "o"]
+    seen.clear()
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        mha2 = qkv.MultiHeadAttention(16, 2).eval()
+        with torch.no_grad():
+            mha2(_rand(1, 5, 16))
+    finally:
+        handle.remove()
+    assert seen.count("Linear") == 4
+
+
+def test_conversion_re_packs_and_stays_right():
+    torch.manual_seed(0)
+    mha = qkv.MultiHeadAttention(16, 2).eval().double()
+    assert mha._packed_in_proj() is not None
+    x = _rand(1, 5, 16, seed=7, dtype=torch.float64)
+    with torch.no_grad():
+        out = mha(x)
+    torch.testing.assert_close(out, _separate(mha, x))
+
+
+def test_packed_path_and_kv_cache_decode_like_the_full_causal_forward():
+    torch.manual_seed(0)
+    rot = RotaryEmbedding(8)
+    mha = qkv.MultiHeadAttention(16, 2, rotary=rot).eval()
+    x = _rand(1, 6, 16, seed=8)
+    with torch.no_grad():
+        full = mha(x, causal=True)
+        cache = qkv.KVCache()
+        steps = [mha(x[:, t : t + 1], causal=True, cache=cache) for t in range(6)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
