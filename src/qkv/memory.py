@@ -60,7 +60,7 @@ def check_fits(cfg, vocab_size: int, max_len: int, *,
                          f"{m.encoder_layers}+{m.decoder_layers} layers has {params:,} "
                          f"parameters, which need about {gib(fixed)} with their gradients "
                          f"and optimizer state, but {device.type} has {gib(free)} free; use "
-                         "a smaller d_model, ff_dim or fewer layers")
+                         "a smaller d_model= or ff_dim=, or fewer layers")
     fits = max(0, (free - fixed - 400 * cfg.eval_size) // per_example) * world
     if 400 * cfg.eval_size > free - fixed:
         raise ValueError(f"eval_size={cfg.eval_size} validation examples do not fit in the "

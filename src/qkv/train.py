@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import signal
 import threading
@@ -48,6 +47,7 @@ from .checkpoint import (
 from .distributed.ddp import DataParallel
 from .memory import check_fits
 from .models.seq2seq import Transformer, TransformerConfig
+from .progress import TrainingBar
 from .tasks import BOS, EOS, PAD, CharTokenizer, Task, get_task
 
 __all__ = [
@@ -398,7 +398,7 @@ def _train(cfg: TrainConfig | None, out: Path, *, resume: bool, progress: bool, 
     model.train()
     t0 = time.perf_counter()
     done, valid_exact, interrupted = start, None, False
-    bar = _Bar(cfg, start, console) if progress and (par is None or par.is_main) else None
+    bar = TrainingBar(cfg, start, console) if progress and (par is None or par.is_main) else None
     tokens_seen, t_tok = 0, time.perf_counter()
     saved_at = start if ck is not None else None
     if on_start is not None:
@@ -473,37 +473,3 @@ def _train(cfg: TrainConfig | None, out: Path, *, resume: bool, progress: bool, 
             bar.close()
     return TrainResult(run=out, step=done, interrupted=interrupted, valid_exact=valid_exact,
                        history=history, seconds=time.perf_counter() - t0)
-
-
-class _Bar:
-    """The rich progress bar: step, loss, token accuracy, tokens/s, validation, ETA."""
-
-    def __init__(self, cfg: TrainConfig, start: int, console) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn(f"[bold]{cfg.task}[/bold]"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  "
-                       "{task.fields[tps]} tok/s  valid {task.fields[valid]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console, transient=False,
-            disable=bool(os.environ.get("QKV_NO_PROGRESS")),
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=cfg.steps, completed=start,
-                                           loss="-", acc="-", tps="-", valid="-")
-
-    def update(self, done: int, rec: dict, tps: float, valid: float | None) -> None:
-        self.progress.update(self.task, completed=done, loss=f"{rec['loss']:.4f}",
-                             acc=f"{rec['acc']:.3f}", tps=f"{tps:,.0f}",
-                             valid="-" if valid is None else f"{valid:.3f}")
-
-    def close(self) -> None:
-        self.progress.stop()
