@@ -236,7 +236,8 @@ def _worker(fn, rank: int, world: int, port: int, backend: str, timeout: float,
         with contextlib.suppress(RuntimeError):
             dist.destroy_process_group()
     except BaseException as e:  # report every failure to the launcher
-        if not isinstance(e, (ValueError, TypeError)):  # bad input needs no traceback
+        # Bad input needs no traceback, nor does Ctrl-C while the process was starting.
+        if not isinstance(e, (ValueError, TypeError, KeyboardInterrupt)):
             traceback.print_exc()
         out.put((rank, "error", (type(e).__name__, str(e))))
     out.close()
