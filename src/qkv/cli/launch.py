@@ -38,6 +38,11 @@ def resume_note(state: dict, world: int) -> str | None:
             f"floating-point summation order){dropout}")
 
 
+def _announcer(console, announce: str | None):
+    """A callable printing ``announce`` on one line (never wrapped: it holds a path)."""
+    return (lambda: console.print(announce, soft_wrap=True)) if announce else None
+
+
 def _train_process(cfg, run_dir: str, resume: bool, quiet: bool, announce: str | None = None,
                    lock: bool = True):
     """What each launched process runs: :func:`qkv.train.train`, progress on rank 0."""
@@ -45,7 +50,7 @@ def _train_process(cfg, run_dir: str, resume: bool, quiet: bool, announce: str |
 
     main = dist.get_rank() == 0
     console = Console(stderr=True)
-    start = (lambda: console.print(announce)) if announce and main else None
+    start = _announcer(console, announce) if main else None
     return train(cfg, Path(run_dir), resume=resume, progress=main and not quiet,
                  console=console, log=console.print if (quiet and main) else None,
                  on_start=start, lock=lock)
@@ -92,7 +97,7 @@ def run_training(cfg, run_dir: Path, *, resume: bool, quiet: bool, nproc: int | 
     if world == 1:
         return train(cfg, run_dir, resume=resume, progress=not quiet, console=console,
                      log=console.print if quiet else None,
-                     on_start=(lambda: console.print(announce)) if announce else None)
+                     on_start=_announcer(console, announce))
     dev = resolve_device(device)
     task = get_task(run_cfg.task, **run_cfg.task_options)
     check_fits(run_cfg, task.tokenizer().vocab_size, 2 * task.max_target_len + 2, device=dev,
@@ -101,6 +106,6 @@ def run_training(cfg, run_dir: Path, *, resume: bool, quiet: bool, nproc: int | 
     # with it and the lock is stale.
     with RunLock(run_dir):
         if announce:
-            console.print(announce)
+            console.print(announce, soft_wrap=True)
         return launch(_train_process, world, cfg, str(run_dir), resume, quiet, None, False,
                       device=dev.type, threads=threads)
