@@ -1,13 +1,12 @@
-"""qkv: the self-attention mechanism of the Transformer, exact, fast, trainable and visible."""
+"""qkv: the self-attention mechanism of the Transformer, exact, fast, trainable and visible.
+
+The names below are imported on first use (PEP 562), so ``import qkv`` is quick and the
+``qkv`` command can answer Ctrl-C cleanly while torch loads.
+"""
 
 from __future__ import annotations
 
-from . import reference_numpy
-from .attention_capture import capture
-from .functional import AttentionSteps, attention, explain
-from .kernels import names as _backend_names
-from .layers import KVCache, MultiHeadAttention
-from .masks import causal_mask, padding_mask, window_mask
+import importlib
 
 __version__ = "0.1.0"
 
@@ -26,6 +25,39 @@ __all__ = [
     "window_mask",
 ]
 
+# Public name -> the module that defines it.
+_LAZY = {
+    "AttentionSteps": "functional",
+    "capture": "attention_capture",
+    "attention": "functional",
+    "explain": "functional",
+    "KVCache": "layers",
+    "MultiHeadAttention": "layers",
+    "causal_mask": "masks",
+    "padding_mask": "masks",
+    "window_mask": "masks",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif not name.startswith("__"):
+        try:  # a submodule: qkv.functional, qkv.reference_numpy, ...
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 def load_pretrained(name_or_path="all-MiniLM-L6-v2", *, device=None):
     """A pretrained BERT encoder built from qkv's layers (see :mod:`qkv.models.loading`);
@@ -37,4 +69,6 @@ def load_pretrained(name_or_path="all-MiniLM-L6-v2", *, device=None):
 
 def backends() -> list[str]:
     """Names accepted by ``qkv.attention(..., backend=name)``, besides ``"auto"``."""
-    return _backend_names()
+    from .kernels import names
+
+    return names()

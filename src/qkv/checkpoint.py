@@ -14,24 +14,35 @@ fsynced so the rename itself is durable. ``checkpoint.json`` is written last, so
 ever names a step directory whose three files are complete: a crash at any moment leaves
 the previous checkpoint intact and loadable. The two newest step directories are kept.
 Nothing is pickled: tensors go to safetensors, everything else to JSON.
+
+Reading checks every part before anything is used (:func:`read_checkpoint`): the pointer
+and the state agree on the step, every tensor is finite, the optimizer and RNG parts have
+their form; one ValueError lists every problem. A writer holds ``RUN/lock.json`` (its pid,
+host and start time, :class:`RunLock`) so that a second writer is refused; a lock whose
+process is gone is stale and cleared.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["POINTER", "Checkpoint", "atomic_write", "find_checkpoint", "has_checkpoint",
-           "load_weights", "optimizer_from_parts", "optimizer_to_parts", "read_checkpoint",
-           "rng_state", "set_rng_state", "write_checkpoint"]
+__all__ = ["POINTER", "Checkpoint", "RunLock", "atomic_write", "check_run_dir",
+           "find_checkpoint", "has_checkpoint", "load_weights", "optimizer_from_parts",
+           "optimizer_to_parts", "read_checkpoint", "rng_state", "set_rng_state",
+           "write_checkpoint"]
 
 POINTER = "checkpoint.json"
 FORMAT = "qkv.seq2seq-run/1"
@@ -89,12 +100,18 @@ def write_checkpoint(run: Path, step: int, model: dict[str, Tensor],
     from safetensors.torch import save
 
     run = Path(run)
+    bad = sorted(k for k, t in model.items()
+                 if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ValueError(f"not writing checkpoint step {step} to {run}: the model holds NaN "
+                         f"or infinite values in {', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}; the last checkpoint is kept")
     run.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
     step_dir = run / name
     step_dir.mkdir(exist_ok=True)
-    for stray in step_dir.glob(".*.tmp"):  # left by a run killed while writing
-        stray.unlink()
+    for stray in [*step_dir.glob(".*.tmp"), *run.glob(f".{POINTER}.*.tmp")]:
+        stray.unlink(missing_ok=True)  # left by a run killed while writing
     meta = {"format": FORMAT, "step": str(step)}
     atomic_write(step_dir / "model.safetensors", save(_contiguous(model), metadata=meta))
     atomic_write(step_dir / "optimizer.safetensors", save(_contiguous(optimizer), metadata=meta))
@@ -141,8 +158,15 @@ def find_checkpoint(run: Path) -> Path:
     return path
 
 
-def read_checkpoint(run: Path) -> Checkpoint:
-    """Read the latest checkpoint of ``run``; ValueError naming what is missing or wrong."""
+def read_checkpoint(run: Path, *, check: Callable[[dict], list[str]] | None = None
+                    ) -> Checkpoint:
+    """Read the latest checkpoint of ``run``; ValueError naming what is missing or wrong.
+
+    Every part is checked before it is returned, and one ValueError lists every problem:
+    the step of ``state.json`` against the pointer's, NaN or infinite tensors, the form of
+    the optimizer and RNG parts. ``check(state)`` adds the problems of the parts only its
+    caller can judge (the training config, the tokenizer).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -154,15 +178,210 @@ def read_checkpoint(run: Path) -> Checkpoint:
     except FileNotFoundError as e:
         raise ValueError(f"checkpoint {path} is incomplete: {Path(e.filename).name} is "
                          "missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, RecursionError) as e:
         raise ValueError(f"checkpoint {path} is corrupt: {e}") from None
+    except OSError as e:
+        raise ValueError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path / 'state.json'} is not a qkv training state (expected format "
                          f"{FORMAT!r})")
+    problems = state_problems(state, _pointer(Path(run)) or {}, model, optimizer)
+    if check is not None and not any(p.startswith(("config", "tokenizer")) for p in problems):
+        problems += check(state)
+    if problems:
+        n = len(problems)
+        raise ValueError(f"checkpoint {path} is damaged: {n} problem{'s' * (n > 1)}: "
+                         + "; ".join(f"({i + 1}) {p}" for i, p in enumerate(problems))
+                         + "; resume from an earlier copy of the run, or start a new one")
+    return Checkpoint(path=path, step=state["step"], model=model, optimizer=optimizer,
+                      state=state)
+
+
+def state_problems(state: dict, pointer: dict, model: dict[str, Tensor],
+                   optimizer: dict[str, Tensor]) -> list[str]:
+    """Every reason the parts of one checkpoint cannot be trained on (empty when sound)."""
+    out = []
     step = state.get("step")
-    if not isinstance(step, int):
-        raise ValueError(f"{path / 'state.json'} has no integer 'step'")
-    return Checkpoint(path=path, step=step, model=model, optimizer=optimizer, state=state)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        out.append(f"state.json has no integer 'step' >= 0 (got {step!r})")
+    elif pointer.get("step") is not None and pointer.get("step") != step:
+        out.append(f"state.json says step {step} but {POINTER} says {pointer.get('step')}")
+    for name in ("config", "tokenizer", "optimizer", "rng"):
+        if not isinstance(state.get(name), dict):
+            got = "missing" if name not in state else type(state[name]).__name__
+            out.append(f"{name} in state.json must be a JSON object (got {got})")
+    opt = state.get("optimizer")
+    if isinstance(opt, dict):
+        groups = opt.get("param_groups")
+        if not isinstance(groups, list) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+            out.append("optimizer in state.json lacks its 'param_groups' (a list of objects "
+                       "with 'params')")
+        if not isinstance(opt.get("scalars", {}), dict):
+            out.append("optimizer 'scalars' in state.json must be a JSON object")
+    odd = [k for k in optimizer if len(k.split(".", 2)) != 3 or k.split(".")[0] != "state"
+           or not k.split(".")[1].isdigit()]
+    if odd:
+        out.append(f"optimizer.safetensors has tensors not named state.N.NAME: {odd[:3]}")
+    rng = state.get("rng")
+    if isinstance(rng, dict):
+        out += _rng_problems(rng)
+    for where, tensors in (("model.safetensors", model), ("optimizer.safetensors", optimizer)):
+        bad = [k for k, t in tensors.items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            out.append(f"{where} holds NaN or infinite values in {len(bad)} tensor"
+                       f"{'s' * (len(bad) > 1)} ({', '.join(sorted(bad)[:3])}"
+                       f"{', ...' if len(bad) > 3 else ''})")
+    history = state.get("history", [])
+    if not isinstance(history, list):
+        out.append(f"history in state.json must be a list (got {type(history).__name__})")
+    return out
+
+
+def _rng_problems(rng: dict) -> list[str]:
+    out = []
+    try:
+        n = len(base64.b64decode(rng["torch"], validate=True))
+        if n != torch.get_rng_state().numel():
+            out.append(f"rng 'torch' holds {n} bytes; torch's generator state has "
+                       f"{torch.get_rng_state().numel()}")
+    except (KeyError, TypeError, ValueError):
+        out.append("rng 'torch' must be the base64 text of torch's generator state")
+    py = rng.get("python")
+    if not (isinstance(py, list) and len(py) == 3 and isinstance(py[1], list)):
+        out.append("rng 'python' must be Python's random.getstate() as a list")
+    n = rng.get("numpy")
+    if not (isinstance(n, list) and len(n) == 5 and isinstance(n[1], list)
+            and len(n[1]) == 624):
+        out.append("rng 'numpy' must be NumPy's get_state() as a list of 5 parts")
+    return out
+
+
+# ---- who writes a run ----------------------------------------------------------------------
+LOCK = "lock.json"
+
+
+def check_run_dir(run: Path, name: str = "out") -> None:
+    """ValueError unless ``run`` is a directory or can become one (a file, or a path below
+    a file, cannot)."""
+    run = Path(run)
+    for p in (run, *run.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "a file" if p.is_file() else "not a directory"
+                raise ValueError(f"{name}={str(run)!r} must be a run directory, but {str(p)!r} "
+                                 f"is {what}; choose another {name}= directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ValueError(f"{name}={str(run)!r} is not writable ({str(p)!r}: permission "
+                                 f"denied); choose another {name}= directory")
+            return
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process ``pid`` (Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] in "ZX" else fields[19]  # zombies count as gone
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except (OverflowError, ValueError):
+        return False
+    if Path("/proc/self/stat").exists():
+        now = _start_time(pid)
+        return now is not None and (started is None or now == started)
+    return True
+
+
+class RunLock:
+    """``RUN/lock.json`` while a process writes a run: a second writer is refused.
+
+    The file names its owner (pid, host, start time). It is created atomically (written
+    aside, then hard-linked into place, which fails when the file exists), removed when the
+    owner is done, and found stale (then replaced) when its process no longer runs on this
+    host, as after a SIGKILL.
+    """
+
+    def __init__(self, run: Path) -> None:
+        self.run = Path(run)
+        self.path = self.run / LOCK
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        check_run_dir(self.run)
+        self.run.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": _start_time(os.getpid()),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        fd, tmp = tempfile.mkstemp(prefix=".lock.", suffix=".tmp", dir=self.run)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(_json_bytes(me))
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    self.held = True
+                    return self
+                except FileExistsError:
+                    owner = self._owner()
+                    if owner is not None and not self._stale(owner):
+                        raise ValueError(
+                            f"{self.run} is in use: process {owner.get('pid')} on "
+                            f"{owner.get('host')} has been writing it since "
+                            f"{owner.get('since')}; wait for it to finish or stop it (kill "
+                            f"{owner.get('pid')}). If no such process runs, delete "
+                            f"{self.path}") from None
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)  # stale or unreadable: its writer is gone
+            raise ValueError(f"cannot take the lock {self.path}: another process keeps "
+                             "replacing it; stop the other writers of this run")
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _owner(self) -> dict | None:
+        try:
+            d = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}  # gone meanwhile: not stale, not held; the next link decides
+        except (OSError, ValueError):
+            return None  # unreadable: written by no RunLock (links are whole)
+        return d if isinstance(d, dict) else None
+
+    @staticmethod
+    def _stale(owner: dict) -> bool:
+        if not owner:
+            return True
+        pid = owner.get("pid")
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            return True
+        if owner.get("host") != socket.gethostname():
+            return False  # cannot tell from here
+        return not _alive(pid, owner.get("started"))
+
+    def release(self) -> None:
+        if self.held:
+            owner = self._owner()
+            if owner and owner.get("pid") == os.getpid():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def optimizer_to_parts(sd: dict) -> tuple[dict[str, Tensor], dict]:
@@ -191,7 +410,6 @@ def optimizer_from_parts(tensors: dict[str, Tensor], meta: dict) -> dict:
 
 def rng_state(device: torch.device) -> dict:
     """The states of every random generator training uses, as JSON."""
-    import base64
     import random
 
     import numpy as np
@@ -209,7 +427,6 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import base64
     import random
 
     import numpy as np

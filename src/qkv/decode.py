@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from .attention_map import AttentionMap
-from .checkpoint import load_weights, read_checkpoint
+from .checkpoint import load_weights
 from .models.seq2seq import Transformer
 from .tasks import CharTokenizer, SubwordTokenizer, load_tokenizer
-from .train import TrainConfig, build_model, resolve_device
+from .train import TrainConfig, build_model, read_run, resolve_device
 
 __all__ = ["Run", "Translation", "display_char", "load_run", "translate"]
 
@@ -40,7 +40,7 @@ def load_run(run: Path | str, *, device: str = "cpu") -> Run:
     Raises ValueError when the directory has no checkpoint, or when the checkpoint's
     weights do not fit its own config (an incompatible or damaged checkpoint).
     """
-    ck = read_checkpoint(Path(run))
+    ck = read_run(Path(run))
     try:
         cfg = TrainConfig.from_dict(ck.state["config"])
         tok = load_tokenizer(ck.state["tokenizer"])

@@ -17,13 +17,13 @@ process launching (``qkv train`` on several processes) is :mod:`qkv.cli.launch`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import random
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import (
+    Checkpoint,
+    RunLock,
+    check_run_dir,
     has_checkpoint,
     load_weights,
     optimizer_from_parts,
@@ -42,7 +45,9 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .distributed.ddp import DataParallel
+from .memory import check_fits
 from .models.seq2seq import Transformer, TransformerConfig
+from .progress import TrainingBar
 from .tasks import BOS, EOS, PAD, CharTokenizer, Task, get_task, load_tokenizer
 
 __all__ = [
@@ -51,6 +56,7 @@ __all__ = [
     "build_model",
     "evaluate",
     "lr_at",
+    "read_run",
     "resolve_device",
     "target_tokens",
     "train",
@@ -104,6 +110,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
+        if self.seed >= 2**63:  # torch's generators take 64-bit seeds
+            raise ValueError(f"seed must be below 2**63; got {self.seed}")
         for name in ("lr", "weight_decay", "clip"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
@@ -271,18 +279,55 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _state_problems(state: dict) -> list[str]:
+    """The problems of a checkpoint's training config and tokenizer."""
+    out = []
+    try:
+        TrainConfig.from_dict(state["config"])
+    except (ValueError, TypeError) as e:
+        out.append(f"config in state.json is not usable ({e})")
+    try:
+        load_tokenizer(state["tokenizer"])
+    except (ValueError, TypeError) as e:
+        out.append(f"tokenizer in state.json is not usable ({e})")
+    return out
+
+
+def read_run(run: Path | str) -> Checkpoint:
+    """The latest checkpoint of a run directory, every part checked (config and tokenizer
+    included); ValueError listing every problem."""
+    return read_checkpoint(Path(run), check=_state_problems)
+
+
 def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
-          progress: bool = True, console=None, log=None) -> TrainResult:
+          progress: bool = True, console=None, log=None,
+          on_start: Callable[[], None] | None = None, lock: bool = True) -> TrainResult:
     """Train (or, with ``resume``, continue) a run in directory ``out``.
 
     A fresh run refuses a directory that already holds a checkpoint; a resumed run takes
     its config from the checkpoint (``cfg`` may be None, otherwise it must equal the saved
     one). ``progress`` shows a rich progress bar on ``console``; ``log`` (a callable
-    taking one string) receives a line per validation. Returns a :class:`TrainResult`.
+    taking one string) receives a line per validation; ``on_start()`` is called once every
+    check has passed, just before the first step. Returns a :class:`TrainResult`.
+
+    The writing process holds the run directory's lock (:class:`~qkv.checkpoint.RunLock`):
+    a second writer is refused (``lock=False`` when a launcher holds it for its processes).
+    A loss that becomes NaN or infinite stops the run with a ValueError; the last
+    checkpoint written stays the latest (a checkpoint is never written with NaN weights).
     """
     out = Path(out)
+    check_run_dir(out)
+    writer = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                  and torch.distributed.get_rank() != 0)
+    with RunLock(out) if lock and writer else contextlib.nullcontext():
+        return _train(cfg, out, resume=resume, progress=progress, console=console, log=log,
+                      on_start=on_start)
+
+
+def _train(cfg: TrainConfig | None, out: Path, *, resume: bool, progress: bool, console, log,
+           on_start) -> TrainResult:
     if resume:
-        ck = read_checkpoint(out)
+        ck = read_run(out)
         saved = TrainConfig.from_dict(ck.state["config"])
         if cfg is not None and cfg != saved:
             diff = [f"{k}: checkpoint {v!r}, asked {a!r}" for k, v, a in saved.differences(cfg)]
@@ -310,6 +355,8 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
     else:
         tok = task.tokenizer()
         _seed_all(cfg.seed)
+    check_fits(cfg, tok.vocab_size, 2 * task.max_target_len + 2, device=device,
+               world=1 if par is None else par.world)
     model = build_model(cfg, tok, device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -320,8 +367,13 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
     start = 0
     if ck is not None:
         load_weights(model, ck.model, ck.path)
-        opt.load_state_dict(optimizer_from_parts(ck.optimizer, ck.state["optimizer"]))
-        set_rng_state(ck.state["rng"])
+        try:
+            opt.load_state_dict(optimizer_from_parts(ck.optimizer, ck.state["optimizer"]))
+            set_rng_state(ck.state["rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+            raise ValueError(f"checkpoint {ck.path} is damaged: its optimizer or RNG state "
+                             f"does not fit the model ({type(e).__name__}: {e}); resume from "
+                             "an earlier copy of the run, or start a new one") from None
         history = list(ck.state.get("history", []))
         start = ck.step
     net = model  # what the training step calls: the model, or DDP around it
@@ -346,8 +398,11 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
     model.train()
     t0 = time.perf_counter()
     done, valid_exact, interrupted = start, None, False
-    bar = _Bar(cfg, start, console) if progress and (par is None or par.is_main) else None
+    bar = TrainingBar(cfg, start, console) if progress and (par is None or par.is_main) else None
     tokens_seen, t_tok = 0, time.perf_counter()
+    saved_at = start if ck is not None else None
+    if on_start is not None:
+        on_start()
     try:
         with _Interrupt() as stop:
             for step in range(start, cfg.steps):
@@ -377,6 +432,13 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
                     loss_value, right, count, tokens, asked = par.sum(
                         loss_value / par.world, right, count, tokens, stop.requested)
                     stop.requested = asked > 0
+                if not math.isfinite(loss_value):  # every rank sees the same global loss
+                    kept = (f"its last checkpoint (step {saved_at}) is kept" if saved_at
+                            is not None else "no checkpoint was written")
+                    raise ValueError(
+                        f"the training loss became {loss_value} at step {step + 1}; the run "
+                        f"stopped and {kept} in {out}; lower lr= (it is {cfg.lr:g}) and "
+                        "resume, or start again")
                 acc = right / count
                 tokens_seen += int(tokens)
                 rec = {"step": step + 1, "loss": loss_value, "acc": acc, "lr": lr}
@@ -401,6 +463,7 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
                 if interrupted or done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     if par is None or par.is_main:
                         save(done)
+                    saved_at = done
                     if par is not None:  # nobody reads or moves on before it is written
                         par.barrier()
                 if interrupted:
@@ -410,37 +473,3 @@ def train(cfg: TrainConfig | None, out: Path | str, *, resume: bool = False,
             bar.close()
     return TrainResult(run=out, step=done, interrupted=interrupted, valid_exact=valid_exact,
                        history=history, seconds=time.perf_counter() - t0)
-
-
-class _Bar:
-    """The rich progress bar: step, loss, token accuracy, tokens/s, validation, ETA."""
-
-    def __init__(self, cfg: TrainConfig, start: int, console) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn(f"[bold]{cfg.task}[/bold]"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  "
-                       "{task.fields[tps]} tok/s  valid {task.fields[valid]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console, transient=False,
-            disable=bool(os.environ.get("QKV_NO_PROGRESS")),
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=cfg.steps, completed=start,
-                                           loss="-", acc="-", tps="-", valid="-")
-
-    def update(self, done: int, rec: dict, tps: float, valid: float | None) -> None:
-        self.progress.update(self.task, completed=done, loss=f"{rec['loss']:.4f}",
-                             acc=f"{rec['acc']:.3f}", tps=f"{tps:,.0f}",
-                             valid="-" if valid is None else f"{valid:.3f}")
-
-    def close(self) -> None:
-        self.progress.stop()

@@ -2,9 +2,10 @@
 
 Each command lives in its own module and registers itself on :data:`app`; heavy imports
 (torch, models) happen inside the commands so ``qkv --help`` stays fast. Bad input
-(ValueError, TypeError, OSError raised by qkv) becomes one line on stderr and exit code 2,
-the library's argument names shown as flags (:mod:`qkv.cli.flags`); set ``QKV_DEBUG=1`` to
-see the traceback instead.
+(ValueError, TypeError, OSError raised by qkv, and the parser's usage errors) becomes one
+line on stderr and exit code 2, the library's argument names shown as flags
+(:mod:`qkv.cli.flags`); Ctrl-C at any moment is one line and exit code 130. Set
+``QKV_DEBUG=1`` to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -12,22 +13,71 @@ from __future__ import annotations
 import os
 import sys
 
-# Importing a command module registers its command on `app`.
-from . import demo, explain, summarize, train  # noqa: F401  (qkv demo, explain, summarize, train)
-from .app import UsageError, app, fail
-from .flags import to_flags
-
 __all__ = ["UsageError", "app", "fail", "main"]
+
+
+def __getattr__(name: str):
+    # The parser and the commands are imported on first use, inside main()'s guard, so
+    # that Ctrl-C while they load is a clean exit too.
+    if name in ("UsageError", "app", "fail"):
+        from . import app as app_module
+
+        _register()
+        return getattr(app_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _register():
+    """Importing a command module registers its command on ``app``."""
+    from . import demo, explain, summarize, train  # noqa: F401  (one module per command)
+    from .app import app
+
+    return app
+
+
+def _error(message: str) -> None:
+    print(f"qkv: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``qkv`` console script."""
+    debug = bool(os.environ.get("QKV_DEBUG"))
     try:
-        # Standalone mode: usage errors of the parser print themselves and exit 2.
-        app(args=argv, prog_name="qkv")
-    except (ValueError, TypeError, OSError) as e:
-        if os.environ.get("QKV_DEBUG"):
+        app = _register()
+        try:
+            from typer._click.exceptions import NoArgsIsHelpError
+            from typer._click.exceptions import UsageError as ParserError
+        except ImportError:  # a typer that uses click itself
+            from click.exceptions import NoArgsIsHelpError
+            from click.exceptions import UsageError as ParserError
+        from .flags import to_flags
+
+        try:
+            code = app(args=argv, prog_name="qkv", standalone_mode=False)
+        except NoArgsIsHelpError as e:  # `qkv` alone, `qkv train` without TASK: the help
+            e.show()
+            sys.exit(e.exit_code)
+        except ParserError as e:  # the parser's usage errors: one line, not a box
+            where = e.ctx.command_path if e.ctx is not None else "qkv"
+            _error(f"{e.format_message()} (see: {where} --help)")
+        except (ValueError, TypeError, OSError) as e:
+            if debug:
+                raise
+            _error(to_flags(str(e)) or type(e).__name__)
+        except MemoryError:
+            if debug:
+                raise
+            _error("out of memory; use smaller sizes (or set QKV_DEBUG=1 to see where)")
+        if code == 130:  # typer turns a KeyboardInterrupt in a command into Exit(130)
+            raise KeyboardInterrupt
+        # As in the parser's standalone mode: always leave through SystemExit (the code
+        # of typer.Exit(code), else 0).
+        sys.exit(code if isinstance(code, int) else 0)
+    except (KeyboardInterrupt, RuntimeError) as e:  # Ctrl-C at any moment (or the parser's
+        # Abort, a RuntimeError it raises for Ctrl-C at a prompt)
+        abort = getattr(sys.modules.get("typer"), "Abort", KeyboardInterrupt)
+        if debug or not isinstance(e, (KeyboardInterrupt, abort)):
             raise
-        message = " ".join(to_flags(str(e)).split()) or type(e).__name__
-        print(f"qkv: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        print("qkv: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated
 
 import typer
@@ -57,10 +58,21 @@ def demo(
                            1 if heads is None else heads, head_dim, seed)
     else:
         data = _single(_matrix(query, "query"), _matrix(keys, "keys"), _matrix(values, "values"))
-    if as_json:
-        typer.echo(json.dumps(data, indent=2))
+    if as_json:  # NaN and infinities are not JSON: they become null
+        typer.echo(json.dumps(_finite(data), indent=2, allow_nan=False))
     else:
         _print(data)
+
+
+def _finite(x):
+    """``x`` with every NaN or infinite float replaced by None (JSON's null)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _single(query, keys, values) -> dict:
@@ -90,7 +102,10 @@ def _multi_head(words_text: str, heads: int, head_dim: int, seed: int) -> dict:
         raise ValueError("--words must contain at least one word; got an empty string")
     if heads < 1 or head_dim < 1:
         raise ValueError(f"--heads and --head-dim must be >= 1; got {heads} and {head_dim}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63); got {seed}")
     embed = heads * head_dim
+    _check_fits(len(words), heads, embed)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, len(words), embed, generator=gen, dtype=torch.float64)  # (1, L, E)
     torch.manual_seed(seed)
@@ -113,6 +128,20 @@ def _multi_head(words_text: str, heads: int, head_dim: int, seed: int) -> dict:
     }
 
 
+def _check_fits(length: int, heads: int, embed: int) -> None:
+    """Refuse, before allocating, sizes whose float64 projections (4 E x E), embeddings and
+    weights (H x L x L, five steps) do not fit in free memory."""
+    from ..memory import available_bytes, gib
+
+    need = 8 * (4 * embed * (embed + 1) + 8 * length * embed + 5 * heads * length * length)
+    free = available_bytes("cpu")
+    if free is not None and need > free:
+        fits = int((free / 8 / 4) ** 0.5)
+        raise ValueError(f"--heads {heads} x --head-dim {embed // heads} = {embed} dims need "
+                         f"about {gib(need)} but {gib(free)} is free; keep --heads x "
+                         f"--head-dim below about {fits}")
+
+
 def _table(title: str, rows, row_labels, col_labels):
     from rich.console import Group
     from rich.table import Table
@@ -120,15 +149,16 @@ def _table(title: str, rows, row_labels, col_labels):
 
     t = Table(show_edge=False)
     t.add_column("")
-    for c in col_labels:
-        t.add_column(str(c), justify="right")
+    for c in col_labels:  # user words are text, never rich markup
+        t.add_column(Text(str(c)), justify="right")
     for label, row in zip(row_labels, rows, strict=True):
-        t.add_row(str(label), *(f"{x:.4f}" for x in row))
+        t.add_row(Text(str(label)), *(f"{x:.4f}" for x in row))
     return Group(Text(title, style="bold"), t, Text(""))
 
 
 def _print(data: dict) -> None:
     from rich.console import Console
+    from rich.text import Text
 
     con = Console()
     if data["mode"] == "single-head":
@@ -148,9 +178,9 @@ def _print(data: dict) -> None:
                          [f"d{j}" for j in range(dv)]))
         return
     words = data["words"]
-    con.print(f"[bold]Multi-head self-attention[/bold] over {words}: {data['heads']} heads of "
-              f"{data['head_dim']} dims, seeded random embeddings and projections "
-              f"(seed {data['seed']})")
+    con.print(Text.assemble(("Multi-head self-attention", "bold"),
+                            f" over {words}: {data['heads']} heads of {data['head_dim']} dims, "
+                            f"seeded random embeddings and projections (seed {data['seed']})"))
     for h in data["per_head"]:
         con.print(_table(f"head {h['head']}: scaled scores (row = query word)", h["scaled"],
                          words, words))

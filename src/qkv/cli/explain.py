@@ -191,19 +191,21 @@ def _print(view, index, chosen_layer, chosen_head, *, layer, head, written, choi
 
     from ..viz import terminal
 
+    # The user's words are printed as text, never parsed as rich markup ("[/x]" is a word).
     con = Console(highlight=False)
     what = "attention rollout" if view.kind == "rollout" else (
         f"{view.num_layers} layers x {view.num_heads} heads")
     n = sum(not s for s in view.query_special)
-    con.print(f"{view.model}: {what}, {n} {view.level[:-1] if n == 1 else view.level}; "
-              f"showing where [bold]{view.tokens[index]}[/bold] looks")
+    con.print(Text.assemble(f"{view.model}: {what}, {n} "
+                            f"{view.level[:-1] if n == 1 else view.level}; showing where ",
+                            (view.tokens[index], "bold"), " looks"))
     con.print(terminal.top_table(
         view, index, layers=None if layer is None else [layer],
         heads=None if head is None else [head],
-        title=f"top keys of '{view.tokens[index]}' per layer and head"))
+        title=Text(f"top keys of '{view.tokens[index]}' per layer and head")))
     con.print()
     if choice is not None:
         con.print(Text(f"head shown: {choice.reason}"))
     con.print(terminal.heatmap(view, chosen_layer, chosen_head, highlight=index))
     if written:
-        con.print(f"wrote {written}")
+        con.print(Text(f"wrote {written}"))

@@ -10,7 +10,11 @@ __all__ = ["FLAGS", "to_flags"]
 #: Argument name in library messages -> the flag of the command line that sets it.
 FLAGS = {
     "batch_size": "--batch-size",
+    "d_model": "--d-model",
     "device": "--device",
+    "eval_size": "--eval-size",
+    "ff_dim": "--ff-dim",
+    "lr": "--lr",
     "nproc": "--nproc",
     "out": "--out",
     "resume": "--resume",

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import read_checkpoint
+from ..checkpoint import RunLock
 from ..distributed.ddp import env_rank, init_from_env, launch, under_torchrun
-from ..train import TrainConfig, train
+from ..memory import check_fits
+from ..tasks import get_task
+from ..train import TrainConfig, read_run, resolve_device, train
 
 __all__ = ["resume_note", "run_training"]
 
@@ -36,24 +38,33 @@ def resume_note(state: dict, world: int) -> str | None:
             f"floating-point summation order){dropout}")
 
 
-def _train_process(cfg, run_dir: str, resume: bool, quiet: bool):
+def _announcer(console, announce: str | None):
+    """A callable printing ``announce`` on one line (never wrapped: it holds a path)."""
+    return (lambda: console.print(announce, soft_wrap=True)) if announce else None
+
+
+def _train_process(cfg, run_dir: str, resume: bool, quiet: bool, announce: str | None = None,
+                   lock: bool = True):
     """What each launched process runs: :func:`qkv.train.train`, progress on rank 0."""
     from rich.console import Console
 
     main = dist.get_rank() == 0
     console = Console(stderr=True)
+    start = _announcer(console, announce) if main else None
     return train(cfg, Path(run_dir), resume=resume, progress=main and not quiet,
-                 console=console, log=console.print if (quiet and main) else None)
+                 console=console, log=console.print if (quiet and main) else None,
+                 on_start=start, lock=lock)
 
 
 def run_training(cfg, run_dir: Path, *, resume: bool, quiet: bool, nproc: int | None,
-                 threads: int | None, console):
+                 threads: int | None, console, announce: str | None = None):
     """Train in this process, on ``nproc`` launched processes, or as one rank of torchrun.
 
-    Returns the :class:`~qkv.train.TrainResult` on the process that reports (this one, the
-    launcher, or torchrun's rank 0) and None on torchrun's other ranks.
+    ``announce`` is printed (rich markup) once every check has passed, before training
+    starts. Returns the :class:`~qkv.train.TrainResult` on the process that reports (this
+    one, the launcher, or torchrun's rank 0) and None on torchrun's other ranks.
     """
-    state = read_checkpoint(run_dir).state if resume else None
+    state = read_run(run_dir).state if resume else None
     run_cfg = cfg if cfg is not None else TrainConfig.from_dict(state["config"])
     device = run_cfg.device
     if under_torchrun():
@@ -78,15 +89,23 @@ def run_training(cfg, run_dir: Path, *, resume: bool, quiet: bool, nproc: int | 
         init_from_env("cuda" if device in ("cuda", "auto") and torch.cuda.is_available()
                       else device)
         try:
-            result = _train_process(cfg, str(run_dir), resume, quiet)
+            result = _train_process(cfg, str(run_dir), resume, quiet, announce)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
         return result if main else None
     if world == 1:
         return train(cfg, run_dir, resume=resume, progress=not quiet, console=console,
-                     log=console.print if quiet else None)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return launch(_train_process, world, cfg, str(run_dir), resume, quiet, device=device,
-                  threads=threads)
+                     log=console.print if quiet else None,
+                     on_start=_announcer(console, announce))
+    dev = resolve_device(device)
+    task = get_task(run_cfg.task, **run_cfg.task_options)
+    check_fits(run_cfg, task.tokenizer().vocab_size, 2 * task.max_target_len + 2, device=dev,
+               world=world)
+    # The launcher holds the run's lock for its processes: when it is killed, they die
+    # with it and the lock is stale.
+    with RunLock(run_dir):
+        if announce:
+            console.print(announce, soft_wrap=True)
+        return launch(_train_process, world, cfg, str(run_dir), resume, quiet, None, False,
+                      device=dev.type, threads=threads)

@@ -123,10 +123,13 @@ def train_command(
         torch.set_num_threads(threads)
     run_dir = out if out is not None else Path("runs") / task
     console = Console(stderr=True)
-    if resume:
-        from ..checkpoint import read_checkpoint
+    from ..checkpoint import check_run_dir
 
-        saved = TrainConfig.from_dict(read_checkpoint(run_dir).state["config"])
+    check_run_dir(run_dir)
+    if resume:
+        from ..train import read_run
+
+        saved = TrainConfig.from_dict(read_run(run_dir).state["config"])
         if saved.task != task:
             raise ValueError(f"cannot resume {run_dir}: it trains task {saved.task!r}, not "
                              f"{task!r}")
@@ -143,15 +146,16 @@ def train_command(
         if has_checkpoint(run_dir):
             raise ValueError(f"{run_dir} already holds a checkpoint; pass --resume to continue "
                              "it or choose another --out")
-    from ..distributed.ddp import env_rank
+    from rich.markup import escape
+
     from .launch import run_training
 
     label = "resuming" if resume else "training"
-    if env_rank() == 0:  # under torchrun, rank 0 speaks for every process
-        console.print(f"[bold]{label}[/bold] {task} in {run_dir}"
-                      + (f" on {nproc} processes" if nproc and nproc > 1 else ""))
+    # Printed once every check has passed (under torchrun by rank 0 alone).
+    announce = (f"[bold]{label}[/bold] {escape(task)} in {escape(str(run_dir))}"
+                + (f" on {nproc} processes" if nproc and nproc > 1 else ""))
     result = run_training(cfg, run_dir, resume=resume, quiet=quiet, nproc=nproc,
-                          threads=threads, console=console)
+                          threads=threads, console=console, announce=announce)
     if result is None:  # one of torchrun's other ranks
         return
     if result.interrupted:

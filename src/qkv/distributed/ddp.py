@@ -31,11 +31,16 @@ does not.
 Faults: a process that dies makes the launcher stop the others and raise a
 ChildProcessError that names it; a rank stuck in a collective makes the others fail after
 the process group's timeout (``timeout``, default 10 minutes) instead of hanging forever.
+The launched processes die with their launcher (SIGKILL or SIGTERM of the launcher stops
+them within a second: Linux's parent-death signal, and a watch on the parent's pid
+elsewhere). They run in their own process group, so Ctrl-C reaches the launcher alone,
+which passes it on once: every rank stops at the same step, as with Ctrl-C in one process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import json
@@ -43,6 +48,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -184,9 +190,34 @@ def init_from_env(device: str | torch.device = "cpu", *,
                                 timeout=datetime.timedelta(seconds=timeout))
 
 
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+
+
+def _die_with(parent: int, *, poll: float = 0.5) -> None:
+    """End this process (SIGTERM) when process ``parent`` is gone: Linux's parent-death
+    signal, and a thread that watches our parent's pid (the portable fallback, and a guard
+    against the parent dying before the signal was armed)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the launcher died already: we were handed to another
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="qkv-parent-watch", daemon=True).start()
+
+
 def _worker(fn, rank: int, world: int, port: int, backend: str, timeout: float,
-            threads: int | None, out, args) -> None:
+            threads: int | None, out, args, parent: int | None = None) -> None:
     """One launched process: join the group, run ``fn(*args)``, report, leave."""
+    if parent is not None:
+        _die_with(parent)
+        with contextlib.suppress(OSError):
+            os.setpgid(0, 0)  # Ctrl-C at the terminal reaches the launcher, which passes it on
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     if backend == "gloo":
@@ -205,7 +236,8 @@ def _worker(fn, rank: int, world: int, port: int, backend: str, timeout: float,
         with contextlib.suppress(RuntimeError):
             dist.destroy_process_group()
     except BaseException as e:  # report every failure to the launcher
-        if not isinstance(e, (ValueError, TypeError)):  # bad input needs no traceback
+        # Bad input needs no traceback, nor does Ctrl-C while the process was starting.
+        if not isinstance(e, (ValueError, TypeError, KeyboardInterrupt)):
             traceback.print_exc()
         out.put((rank, "error", (type(e).__name__, str(e))))
     out.close()
@@ -239,17 +271,24 @@ def launch(fn: Callable, nproc: int, *args, device: str | torch.device = "cpu",
     ctx = mp.get_context(start_method)
     out = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(fn, r, nproc, store.port, backend_for(dev),
-                                               timeout, threads, out, args))
+                                               timeout, threads, out, args, os.getpid()))
              for r in range(nproc)]
     previous = None
     try:
         for p in procs:
             p.start()
-        # Ctrl-C reaches the children directly (same terminal process group); they agree on
-        # a step, save and return. The launcher keeps waiting for them instead of dying
-        # first. (Installed after the start: an ignored SIGINT would stay ignored in them.)
+        # The children run in their own process group: Ctrl-C (or a SIGINT sent to this
+        # process alone) is passed on to each of them once; they agree on a step, save and
+        # return while the launcher keeps waiting. (Installed after the start: an ignored
+        # SIGINT would stay ignored in them.)
+        def forward(signum, frame) -> None:
+            for p in procs:
+                if p.pid is not None and p.is_alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signal.SIGINT)
+
         if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, lambda *_: None)
+            previous = signal.signal(signal.SIGINT, forward)
         return _collect(procs, out, nproc)
     finally:
         for p in procs:
@@ -288,6 +327,8 @@ def _collect(procs, out, nproc: int, grace: float = 10.0):
         if failed_at is not None and time.monotonic() - failed_at > grace:
             break
     errors = {r: v for r, (s, v) in reports.items() if s == "error"}
+    if any(name == "KeyboardInterrupt" for name, _ in errors.values()):
+        raise KeyboardInterrupt  # Ctrl-C while a process was still starting
     if errors:
         # Bad input is found by every rank alike: prefer it over the errors it causes.
         for _, (name, msg) in sorted(errors.items()):

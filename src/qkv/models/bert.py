@@ -15,6 +15,7 @@ steps when they are). Load weights with :func:`qkv.load_pretrained`. Text in and
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -67,16 +68,21 @@ class BertConfig:
                 continue
             val = d[f.name]
             if f.name == "hidden_act":
-                if val not in _ACTIVATIONS:
+                if not isinstance(val, str) or val not in _ACTIVATIONS:
                     out.append(f"config.json hidden_act {val!r} is not supported; expected "
                                f"one of {sorted(_ACTIVATIONS)}")
             elif f.name == "layer_norm_eps":
-                if isinstance(val, bool) or not isinstance(val, (int, float)) or val <= 0:
-                    out.append(f"config.json layer_norm_eps must be a positive number; got "
-                               f"{val!r}")
+                if isinstance(val, bool) or not isinstance(val, (int, float)) or not (
+                        math.isfinite(val) and val > 0):
+                    out.append(f"config.json layer_norm_eps must be a finite positive number; "
+                               f"got {val!r}")
             elif f.name == "pad_token_id":
+                vocab = d.get("vocab_size")
                 if val is not None and (isinstance(val, bool) or not isinstance(val, int)):
                     out.append(f"config.json pad_token_id must be an int; got {val!r}")
+                elif val is not None and (val < 0 or (isinstance(vocab, int) and val >= vocab)):
+                    out.append(f"config.json pad_token_id {val} is not a token id; expected "
+                               f"0 <= pad_token_id < vocab_size ({vocab})")
             elif isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 out.append(f"config.json {f.name} must be a positive int; got {val!r}")
         pe = d.get("position_embedding_type", "absolute")

@@ -8,7 +8,10 @@ once, and no model is returned half-loaded.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +64,13 @@ def load_pretrained(name_or_path: str | Path = DEFAULT_MODEL, *, device=None) ->
     """
     path, name = resolve(name_or_path)
     problems: list[str] = []
-    missing = [f for f in _FILES if not (path / f).is_file()]
-    if missing:
-        raise ValueError(f"cannot load {name} from {path}: missing {', '.join(missing)} "
-                         "(a Hugging Face-layout directory holds config.json, "
+    found = {f: _not_a_file(path / f) for f in _FILES}
+    missing = [f for f, why in found.items() if why == "missing"]
+    odd = ([f"missing {', '.join(missing)}"] if missing else []) + [
+        f"{f} is {why}" for f, why in found.items() if why not in (None, "missing")]
+    if odd:
+        raise ValueError(f"cannot load {name} from {path}: {'; '.join(odd)} (a Hugging "
+                         "Face-layout directory holds the files config.json, "
                          "model.safetensors and tokenizer.json)")
     config = None
     raw = _read_json(path / "config.json", problems)
@@ -77,7 +83,10 @@ def load_pretrained(name_or_path: str | Path = DEFAULT_MODEL, *, device=None) ->
     tokenizer = _read_tokenizer(path / "tokenizer.json", config, problems)
     max_len = None
     st = path / "sentence_bert_config.json"
-    if st.is_file():
+    why = _not_a_file(st)
+    if why is not None and why != "missing":
+        problems.append(f"{st.name} is {why}")
+    elif why is None:
         st_raw = _read_json(st, problems)
         if st_raw is not None:
             max_len = st_raw.get("max_seq_length")
@@ -101,9 +110,34 @@ def load_pretrained(name_or_path: str | Path = DEFAULT_MODEL, *, device=None) ->
 
 
 # ---- reading and checking the files ------------------------------------------------------
+def _not_a_file(path: Path) -> str | None:
+    """None when ``path`` is a regular file (or a link to one), else what is there instead
+    ("missing", "a directory", "a FIFO", ...). Never opens it: reading a FIFO blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        if path.is_symlink():
+            return f"a broken symlink (to {os.readlink(path)!r})"
+        if e.errno == errno.ENOENT:
+            return "missing"
+        return f"not readable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    kind = next((k for test, k in kinds if test(mode)), "not a regular file")
+    return f"{kind}, not a file"
+
+
 def _read_json(path: Path, problems: list[str]) -> dict | None:
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        problems.append(f"{path.name} nests too deeply to be a config")
+        return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         problems.append(f"{path.name} is not readable JSON ({e})")
         return None
@@ -208,10 +242,13 @@ def _read_weights(path: Path, c: BertConfig | None, problems: list[str]) -> dict
             if dtype not in _FLOAT:
                 problems.append(f"{k} has dtype {dtype}; expected a float dtype "
                                 f"({'/'.join(sorted(_FLOAT))})")
-        if len(problems) > start:
-            return {}
+        # Every readable tensor is checked for values too, whatever else is wrong: the
+        # error lists every problem at once.
         out = {}
         for k in list(want) + pool:
+            need = want.get(k) or optional.get(k)
+            if k not in meta or meta[k][0] != need or meta[k][1] not in _FLOAT:
+                continue
             try:
                 t = f.get_tensor(k).to(torch.float32)
             except (SafetensorError, OSError, RuntimeError) as e:
@@ -219,7 +256,9 @@ def _read_weights(path: Path, c: BertConfig | None, problems: list[str]) -> dict
                 continue
             # A NumPy sum (one thread, float64) is finite iff every value is: much faster
             # than torch.isfinite on a busy 2-core machine.
-            if not np.isfinite(t.numpy().sum(dtype=np.float64)):
+            with np.errstate(over="ignore", invalid="ignore"):  # +inf + -inf: NaN, quietly
+                finite = np.isfinite(t.numpy().sum(dtype=np.float64))
+            if not finite:
                 problems.append(f"{k} holds NaN or infinite values (a corrupt file?)")
                 continue
             out[qkv_name(k[len(prefix):])] = t
@@ -236,9 +275,12 @@ def _read_tokenizer(path: Path, c: BertConfig | None, problems: list[str]):
         return None
     tok.no_padding()  # the file may fix a padding length; qkv pads per batch itself
     tok.no_truncation()  # qkv truncates explicitly (with a warning in attend)
-    if c is not None and tok.get_vocab_size() > c.vocab_size:
-        problems.append(f"tokenizer.json has {tok.get_vocab_size()} tokens but the model's "
-                        f"vocab_size is {c.vocab_size}")
+    if c is not None:
+        top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
+        if tok.get_vocab_size() > c.vocab_size or top >= c.vocab_size:
+            problems.append(f"tokenizer.json has {tok.get_vocab_size()} tokens with ids up to "
+                            f"{top} but the model's vocab_size is {c.vocab_size} (its "
+                            "embedding table has no row for the higher ids)")
     return tok
 
 
