@@ -73,8 +73,10 @@ def attention(
         return_weights=return_weights, generator=generator,
     )
     be = _choose(call, backend)
-    if not be.handles_hidden_keys:
-        call = _zero_hidden_keys(call)
+    # Keys the band hides from every query are zeroed for every backend (a partial block
+    # multiplies their zero weights by their values); tensor-mask ones unless the backend
+    # never reads them.
+    call = _zero_hidden_keys(call, tensor=not be.handles_hidden_keys)
     out, weights = be.run(call)
     out = out.reshape(*batch_shape, *out.shape[1:])  # (..., Hq, Lq, Dv)
     if return_weights:
@@ -139,9 +141,14 @@ def _choose(call: Call, name: str):
     raise ValueError("no backend supports this call: " + "; ".join(reasons))
 
 
-def _zero_hidden_keys(call: Call) -> Call:
-    """Zero keys and values that no query may see, so NaN/inf stored there cannot leak."""
-    hidden = call.mask.hidden_keys(call.kv_heads)  # (B|1, Hkv|1, Lk, 1) or None
+def _zero_hidden_keys(call: Call, *, tensor: bool = True) -> Call:
+    """Zero keys and values that no query may see, so NaN/inf stored there cannot leak
+    (``tensor=False``: only those the causal/window band hides from every query)."""
+    m = call.mask
+    if not (m.has_band or (tensor and m.has_tensor)):
+        return call
+    # (B|1, Hkv|1, Lk, 1) or None
+    hidden = m.hidden_keys(call.kv_heads, tensor=tensor, device=call.k.device)
     if hidden is None:
         return call
     k = torch.where(hidden, torch.zeros((), dtype=call.k.dtype, device=call.k.device), call.k)
