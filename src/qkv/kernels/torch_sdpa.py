@@ -33,7 +33,7 @@ class TorchSDPABackend(Backend):
         if call.generator is not None:
             return "a dropout generator (SDPA draws dropout from the global RNG)"
         bias = call.mask.bias
-        if bias is not None and call.needs_grad:
+        if bias is not None and call.needs_grad and bias.numel():
             # SDPA's backward recomputes the weights as exp(score - lse) from one float lse:
             # on a row whose every score is below -2**15 (float32; -2**44 in float64) the
             # rounding of lse costs more than the scores' own rounding (log(sum) vanishes
