@@ -51,7 +51,7 @@ def test_row_of_large_bias_weights_and_gradients(backend, dtype, value):
     m[0] = value  # every key of query 0
     m[2, 3:] = value  # some keys of query 2
     opts = dict(mask=m, backend=backend)
-    limit = -(2.0**44 if dtype == torch.float64 else 2.0**15)
+    limit = -(2.0**37 if dtype == torch.float64 else 2.0**8)
     if backend == "torch" and value <= limit:  # SDPA's backward would lose the row's lse
         with pytest.raises(ValueError, match="gradients through an additive mask"):
             _grads(q, k, v, **opts)

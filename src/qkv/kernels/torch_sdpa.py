@@ -34,14 +34,17 @@ class TorchSDPABackend(Backend):
             return "a dropout generator (SDPA draws dropout from the global RNG)"
         bias = call.mask.bias
         if bias is not None and call.needs_grad and bias.numel():
-            # SDPA's backward recomputes the weights as exp(score - lse) from one float lse:
-            # on a row whose every score is below -2**15 (float32; -2**44 in float64) the
-            # rounding of lse costs more than the scores' own rounding (log(sum) vanishes
-            # at -1e9). Such a row is fully "masked" with a finite bias: leave it to chunked.
-            limit = -(2.0**44 if call.compute_dtype == torch.float64 else 2.0**15)
-            if bool((bias.amax(dim=-1) <= limit).any()):
-                return (f"gradients through an additive mask with a row whose every value is "
-                        f"<= {limit:g} (SDPA's backward loses precision there)")
+            # SDPA's backward recomputes the weights as exp(score - lse) from one float lse,
+            # which rounds at the row's magnitude: on a row whose largest bias is 256 or
+            # more away from 0 (2**37 in float64) that error exceeds the scores' own
+            # rounding (at -1e9, log(sum) vanishes). Typically a row "masked" with a finite
+            # value: leave it to chunked, which keeps the row's max and sum apart.
+            limit = 2.0**37 if call.compute_dtype == torch.float64 else 2.0**8
+            top = bias.amax(dim=-1)  # (B|1, Hq|1, Lq|1); -inf: a hidden row, fine
+            if bool((torch.isfinite(top) & (top.abs() >= limit)).any()):
+                return (f"gradients through an additive mask with a row whose largest value "
+                        f"is {limit:g} or more away from 0 (SDPA's backward loses precision "
+                        "there)")
         if bias is not None and not call.q.is_cpu and bias.dtype != call.q.dtype:
             # SDPA adds the mask in the input dtype: a finite value must stay finite there.
             cast = bias.to(call.q.dtype)
