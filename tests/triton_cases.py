@@ -135,6 +135,18 @@ def test_hidden_blocks_are_skipped():
     assert torch.isnan(out[:, :, 40:]).all()  # they see key 40
 
 
+def test_keys_the_band_hides_from_every_query_are_not_read():
+    """Causal window (2, 0) over 40 keys, 2 queries: keys 0..35 are hidden from both. The
+    tile of keys 32..39 is visited, so its hidden NaN keys must be zeroed before the call."""
+    q, k, v = rand_qkv(1, 2, 2, 2, 40, 16, dtype=torch.float16)
+    clean = qkv.attention(q, k, v, causal=True, window=(2, 0), backend="triton")
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, :36], v2[:, :, :36] = float("nan"), float("nan")
+    with autotune.override(autotune.Config(16, 32, 1, 1)):
+        out = qkv.attention(q, k2, v2, causal=True, window=(2, 0), backend="triton")
+    assert torch.isfinite(out).all() and torch.equal(out, clean)
+
+
 @pytest.mark.parametrize("config", [autotune.Config(16, 32, 1, 1), autotune.Config(32, 16, 1, 1)])
 def test_unequal_tiles(config):
     """Query and key tiles of different sizes, neither dividing the lengths."""

@@ -114,10 +114,12 @@ def _attention(q, k, v, *, mask, causal, window, scale, dropout, return_weights,
         return_weights=return_weights, generator=generator,
     )
     be = _choose(call, backend)
-    if not be.handles_hidden_keys:
-        zeroed = _zero_hidden_keys(call)
-        plain = plain and zeroed is call  # a plan must not skip zeroing hidden keys
-        call = zeroed
+    # Keys the band hides from every query are zeroed for every backend (a partial block
+    # multiplies their zero weights by their values); tensor-mask ones unless the backend
+    # never reads them.
+    zeroed = _zero_hidden_keys(call, tensor=not be.handles_hidden_keys)
+    plain = plain and zeroed is call  # a plan must not skip zeroing hidden keys
+    call = zeroed
     if plain:
         _remember(plan_key, be, call, batch_shape)
     out, weights = be.run(call)
@@ -205,9 +207,14 @@ def _choose(call: Call, name: str):
                      ". Fix: drop the option the backends lack")
 
 
-def _zero_hidden_keys(call: Call) -> Call:
-    """Zero keys and values that no query may see, so NaN/inf stored there cannot leak."""
-    hidden = call.mask.hidden_keys(call.kv_heads)  # (B|1, Hkv|1, Lk, 1) or None
+def _zero_hidden_keys(call: Call, *, tensor: bool = True) -> Call:
+    """Zero keys and values that no query may see, so NaN/inf stored there cannot leak
+    (``tensor=False``: only those the causal/window band hides from every query)."""
+    m = call.mask
+    if not (m.has_band or (tensor and m.has_tensor)):
+        return call
+    # (B|1, Hkv|1, Lk, 1) or None
+    hidden = m.hidden_keys(call.kv_heads, tensor=tensor, device=call.k.device)
     if hidden is None:
         return call
     k = torch.where(hidden, torch.zeros((), dtype=call.k.dtype, device=call.k.device), call.k)

@@ -150,27 +150,54 @@ class Mask:
         return lengths if torch.equal(prefix, keep) else None
 
     # ---- keys no query can see -----------------------------------------------------------
-    def hidden_keys(self, num_kv_heads: int) -> Tensor | None:
+    def band_key_range(self) -> tuple[int, int]:
+        """Keys ``[lo, hi)`` that the band (causal/window) lets at least one query see.
+
+        Query ``i`` sees keys ``i + off - left .. i + off + right``; over all queries these
+        windows overlap (each is at least one key wide and moves by one), so their union is
+        one range: ``[off - left, Lq - 1 + off + right]``, clipped to ``[0, Lk)``. Keys
+        outside it are hidden from every query. ``(0, 0)`` when no query sees any key.
+        """
+        if self.lq == 0:
+            return 0, 0
+        lo = 0 if self.left is None else max(0, self.offset - self.left)
+        hi = self.lk if self.right is None else min(self.lk,
+                                                    self.lq + self.offset + self.right)
+        return (lo, hi) if lo < hi else (0, 0)
+
+    def hidden_keys(self, num_kv_heads: int, *, tensor: bool = True, band: bool = True,
+                    device: torch.device | None = None) -> Tensor | None:
         """Bool (B|1, Hkv|1, Lk, 1): True where a key is hidden from *every* query.
 
         Used to zero such keys and values before any matmul, so that NaN or inf stored in
-        padding never reaches an output through ``0 * NaN``. Conservative: a key hidden
-        only by the combination of the band and a tensor mask is not reported.
+        padding never reaches an output through ``0 * NaN``. ``tensor``: count keys the bool
+        mask or ``-inf`` bias hides from every query; ``band``: count keys outside
+        :meth:`band_key_range` (a range, no dense mask; built on ``device``). None when no
+        key is hidden.
+        Conservative: a key hidden only by the combination of the band and a tensor mask
+        is not reported.
         """
-        if not self.has_tensor:
-            return None
         hidden = None
-        for t in (self.allowed, None if self.bias is None else self.bias != float("-inf")):
-            if t is None:
-                continue
-            col = ~t.any(dim=-2)  # (B|1, Hq|1, Lk|1)
-            hidden = col if hidden is None else hidden | col
-        b, h, lk = hidden.shape
-        if h > 1:  # a kv head's key is hidden only if all its query heads are barred from it
-            hidden = hidden.reshape(b, num_kv_heads, h // num_kv_heads, lk).all(dim=2)
-        if not bool(hidden.any()):
+        if tensor and self.has_tensor:
+            for t in (self.allowed, None if self.bias is None else self.bias != float("-inf")):
+                if t is None:
+                    continue
+                col = ~t.any(dim=-2)  # (B|1, Hq|1, Lk|1)
+                hidden = col if hidden is None else hidden | col
+            b, h, lk = hidden.shape
+            if h > 1:  # a kv head's key is hidden only if all its query heads are barred
+                hidden = hidden.reshape(b, num_kv_heads, h // num_kv_heads, lk).all(dim=2)
+            if not bool(hidden.any()):
+                hidden = None
+        if band and self.has_band:
+            lo, hi = self.band_key_range()
+            if (lo, hi) != (0, self.lk):
+                j = torch.arange(self.lk, device=device)
+                outside = ((j < lo) | (j >= hi))[None, None]  # (1, 1, Lk)
+                hidden = outside if hidden is None else hidden | outside
+        if hidden is None:
             return None
-        return hidden.expand(b, hidden.shape[1], self.lk).unsqueeze(-1)
+        return hidden.expand(hidden.shape[0], hidden.shape[1], self.lk).unsqueeze(-1)
 
 
 def _slice_last2(t: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor:

@@ -27,7 +27,8 @@ def softmax(x: np.ndarray) -> np.ndarray:
         seen = row != -np.inf
         if not seen.any():
             continue  # no visible key: the row stays 0
-        e = np.exp(row[seen] - row[seen].max())
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN propagates, as it should
+            e = np.exp(row[seen] - row[seen].max())
         out[idx][seen] = e / e.sum()
     return out
 
@@ -76,11 +77,13 @@ def attention(q, k, v, mask=None, causal=False, window=None, scale=None):
             kv = h // (hq // hkv)  # the key/value head this query head reads (GQA)
             scores = q[b][h] @ k[b][kv].T  # step 1: (Lq, Lk)
             scaled = scores * scale  # step 2
-            masked = np.where(hidden[b][h], -np.inf, scaled + bias[b][h])  # step 3
+            blocked = hidden[b][h] | (bias[b][h] == -np.inf)  # (Lq, Lk): -inf hides too
+            masked = np.where(blocked, -np.inf, scaled + bias[b][h])  # step 3
             w = softmax(masked)  # step 4
-            blocked = hidden[b][h] | (bias[b][h] == -np.inf)  # (Lq, Lk)
             vals = np.where(blocked.all(axis=0)[:, None], 0.0, v[b][kv])
-            out[b][h] = w @ vals  # step 5 (keys nobody sees contribute nothing)
+            # step 5 (keys nobody sees contribute nothing; a query that sees no key gets 0,
+            # even where a value it cannot see holds NaN)
+            out[b][h] = np.where(blocked.all(axis=1)[:, None], 0.0, w @ vals)
             weights[b][h] = w
     return out, weights
 

@@ -90,7 +90,10 @@ def reference_steps(call: Call) -> AttentionSteps:
     if call.dropout > 0:
         weights = dropout_weights(weights, call.dropout, call.generator)
     out = weights.reshape(b, hkv, g, lq, lk) @ v  # (B, Hkv, G, Lq, Dv)
-    out = out.reshape(b, hq, lq, dv).to(call.q.dtype)  # (B, Hq, Lq, Dv)
+    out = out.reshape(b, hq, lq, dv)  # (B, Hq, Lq, Dv)
+    if allowed is not None:  # a query that sees no key gets 0, whatever 0 * value gives
+        out = torch.where(allowed.any(dim=-1, keepdim=True), out, 0.0)
+    out = out.to(call.q.dtype)
     return AttentionSteps(scores, scaled, masked, weights, out, call.scale)
 
 

@@ -4,6 +4,12 @@ SDPA's ``is_causal`` is aligned top-left, so bottom-right causal with Lq != Lk, 
 combined masks are passed as one dense bool mask. Rows with no visible key would give NaN
 in some SDPA kernels; they are opened to every key for the call and their output is then
 selected to 0, which also keeps their gradients at 0.
+
+An additive mask keeps its values: on CPU it is passed in float32 (SDPA's CPU kernels add a
+float32 mask to half-precision scores in float32), elsewhere in the input dtype, and a call
+whose finite mask values would become infinite in float16/bfloat16 is refused, so ``auto``
+falls back (only ``-inf`` hides a key). SDPA's CPU kernel returns 0 for a query holding
+NaN; such rows are set to NaN, as every other backend gives.
 """
 
 from __future__ import annotations
@@ -26,6 +32,25 @@ class TorchSDPABackend(Backend):
             return "return_weights=True (SDPA does not return the attention weights)"
         if call.generator is not None:
             return "a dropout generator (SDPA draws dropout from the global RNG)"
+        bias = call.mask.bias
+        if bias is not None and call.needs_grad and bias.numel():
+            # SDPA's backward recomputes the weights as exp(score - lse) from one float lse,
+            # which rounds at the row's magnitude: on a row whose largest bias is 256 or
+            # more away from 0 (2**37 in float64) that error exceeds the scores' own
+            # rounding (at -1e9, log(sum) vanishes). Typically a row "masked" with a finite
+            # value: leave it to chunked, which keeps the row's max and sum apart.
+            limit = 2.0**37 if call.compute_dtype == torch.float64 else 2.0**8
+            top = bias.amax(dim=-1)  # (B|1, Hq|1, Lq|1); -inf: a hidden row, fine
+            if bool((torch.isfinite(top) & (top.abs() >= limit)).any()):
+                return (f"gradients through an additive mask with a row whose largest value "
+                        f"is {limit:g} or more away from 0 (SDPA's backward loses precision "
+                        "there)")
+        if bias is not None and not call.q.is_cpu and bias.dtype != call.q.dtype:
+            # SDPA adds the mask in the input dtype: a finite value must stay finite there.
+            cast = bias.to(call.q.dtype)
+            if bool((torch.isinf(cast) & torch.isfinite(bias)).any()):
+                return (f"an additive mask with finite values beyond {call.q.dtype}'s range "
+                        "(they would become -inf and hide their keys)")
         return None
 
     def run(self, call: Call) -> tuple[Tensor, Tensor | None]:
@@ -46,7 +71,7 @@ class TorchSDPABackend(Backend):
                 row_visible = allowed.any(dim=-1, keepdim=True)  # (B|1, H|1, Lq, 1)
                 allowed = allowed | ~row_visible  # open hidden rows; their output is zeroed
             if bias is not None:
-                bias = bias.to(q.dtype)
+                bias = bias.to(call.compute_dtype if q.is_cpu else q.dtype)
                 if allowed is not None:
                     attn_mask = torch.where(allowed, bias, float("-inf"))
                 else:
@@ -61,6 +86,8 @@ class TorchSDPABackend(Backend):
             q, k, v, attn_mask=attn_mask, dropout_p=call.dropout,
             is_causal=is_causal, scale=call.scale, **kwargs,
         )  # (B, Hq, Lq, Dv)
+        if bool(torch.isnan(q).any()):  # SDPA's CPU kernel gives 0 there: propagate instead
+            out = torch.where(torch.isnan(q).any(dim=-1, keepdim=True), float("nan"), out)
         if row_visible is not None and not bool(row_visible.all()):
             out = torch.where(row_visible, out, torch.zeros_like(out))
         return out, None

@@ -12,12 +12,15 @@ When a new block raises a row's maximum, the earlier sums are rescaled by
 ``exp(old_max - new_max)``; after the last block ``out = acc / row_sum`` and the
 log-sum-exp of the row is ``lse = row_max + log(row_sum)``. That is the softmax, exactly,
 up to rounding. The backward (an :class:`torch.autograd.Function`) recomputes each block's
-weights from ``q``, ``k`` and the saved ``lse`` (``weights = exp(score - lse)``), so only
-``out`` and ``lse`` are kept between the passes.
+weights from ``q``, ``k`` and the saved row statistics (``weights = exp(score - row_max) /
+row_sum``), so only ``out`` and those are kept between the passes.
 
-Scores are computed in base 2: ``q`` is multiplied once by ``scale * log2(e)``, so a
-block's weights are ``exp2(score2 - max2)``; ``exp2`` is about twice as fast as ``exp`` on
-CPU and the result is the same softmax.
+Scores are in natural units: ``q`` is multiplied once by ``scale`` and an additive mask is
+added as given, so a finite bias of any size stays finite (``exp`` costs no more than
+``exp2`` on CPU). For the backward and the weights the forward keeps each row's maximum and
+``1 / sum`` apart (``chunked_forward(..., stats=True)``) rather than one ``lse``: at scores
+near ``-1e9`` a float ``max + log(sum)`` rounds ``log(sum)`` away. A NaN score makes its
+row NaN (it propagates); a row that sees no key gives 0.
 
 Masks. A :class:`~qkv.masks.Mask` hides keys from queries; a hidden position is *selected*
 to ``-inf`` (``torch.where``), so NaN stored there does not leak. A block that the band

@@ -20,22 +20,24 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, scale, dropout, seed, return_weights, blocks):
         opts = {"dropout": dropout, "seed": seed, "block_q": blocks[0], "block_k": blocks[1]}
-        out, lse = chunked_forward(q, k, v, mask, scale, **opts)
-        out = out.to(q.dtype)  # (B, Hq, Lq, Dv)
+        out_ct, (row_max, inv_sum) = chunked_forward(q, k, v, mask, scale, stats=True, **opts)
+        out = out_ct.to(q.dtype)  # (B, Hq, Lq, Dv)
         weights = None
         if return_weights:
             b, hq, lq, _ = q.shape
             weights = torch.empty(b, hq, lq, k.shape[2], dtype=q.dtype, device=q.device)
-            chunked_weights(q, k, mask, scale, lse, out=weights, **opts)
-        ctx.save_for_backward(q, k, v, out, lse, weights)
+            chunked_weights(q, k, mask, scale, (row_max, inv_sum), out=weights, **opts)
+        # delta = (dout * out).sum(-1) from the unrounded output: for float16/bfloat16 the
+        # rounded one would cost the gradients more than the inputs' own rounding does.
+        ctx.save_for_backward(q, k, v, out_ct, row_max, inv_sum, weights)
         ctx.mask, ctx.scale, ctx.opts, ctx.bias = mask, scale, opts, bias
         ctx.set_materialize_grads(False)
         return (out, weights) if return_weights else out
 
     @staticmethod
     def backward(ctx, dout, dweights=None):
-        q, k, v, out, lse, weights = ctx.saved_tensors
-        ct = lse.dtype
+        q, k, v, out, row_max, inv_sum, weights = ctx.saved_tensors
+        ct = row_max.dtype
         if dout is None:
             dout = torch.zeros_like(out)
         delta = (dout.to(ct) * out.to(ct)).sum(dim=-1)  # (B, Hq, Lq)
@@ -44,7 +46,8 @@ class _ChunkedAttention(torch.autograd.Function):
         dbias = None
         if ctx.bias is not None and ctx.needs_input_grad[3]:
             dbias = torch.zeros(ctx.bias.shape, dtype=ct, device=q.device)
-        dq, dk, dv = chunked_backward(q, k, v, dout, lse, delta, ctx.mask, ctx.scale,
+        dq, dk, dv = chunked_backward(q, k, v, dout, (row_max, inv_sum), delta, ctx.mask,
+                                      ctx.scale,
                                       dweights=dweights, dbias=dbias, **ctx.opts)
         if dbias is not None:
             dbias = dbias.to(ctx.bias.dtype)

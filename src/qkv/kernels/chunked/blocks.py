@@ -1,13 +1,12 @@
 """One block of scores: what a chunked call needs at every (query block, key block) pair.
 
-:class:`Blocks` holds the inputs in compute layout (``q`` pre-multiplied by ``scale *
-log2(e)`` so that scores are in base 2), cuts the work into units and shares for the CPU
+:class:`Blocks` holds the inputs in compute layout (``q`` pre-multiplied by ``scale``),
+cuts the work into units and shares for the CPU
 threads, slices masks per block and applies dropout.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Iterator
 
@@ -19,14 +18,11 @@ from .dropout import dropout_keep
 from .planning import Plan
 from .threads import Queue, split, workers
 
-LOG2E = 1.0 / math.log(2.0)  # scores * LOG2E turn exp(x) into exp2(x * LOG2E)
-LN2 = math.log(2.0)
-
 
 class Blocks:
     """What one call needs at every block: inputs in compute layout, masks, dropout.
 
-    ``q2`` is ``q * scale * log2(e)`` viewed ``(B, Hkv, G, Lq, D)``; ``k2``/``v2`` are
+    ``q2`` is ``q * scale`` viewed ``(B, Hkv, G, Lq, D)``; ``k2``/``v2`` are
     ``(B*Hkv, Lk, D|Dv)``. A *unit* of work is a head group ``grp = (b0, b1, h0, h1)``
     (batch rows and kv heads) with a block of queries ``q0:q1``; units write disjoint rows.
     """
@@ -43,7 +39,7 @@ class Blocks:
             raise ValueError("dropout > 0 needs a seed (an int) so the backward can regenerate "
                              "the mask; got seed=None. Fix: pass seed=draw_seed(generator, dev)")
         self.dropout, self.seed, self.offsets = dropout, seed, offsets
-        self.q2 = (q.to(self.ct) * (scale * LOG2E)).reshape(b, hkv, self.g, lq, d)
+        self.q2 = (q.to(self.ct) * scale).reshape(b, hkv, self.g, lq, d)
         self.k2 = k.to(self.ct).reshape(b * hkv, lk, d)  # (B*Hkv, Lk, D)
         self.v2 = None if v is None else v.to(self.ct).reshape(b * hkv, lk, v.shape[-1])
         self.neg_inf = torch.full((), float("-inf"), dtype=self.ct, device=self.device)
@@ -123,9 +119,9 @@ class Blocks:
     # -- one block --
     def scores(self, qb: Tensor, grp, q0: int, q1: int, k0: int, k1: int,
                state: BlockState) -> Tensor:
-        """Base-2 masked scores of the block: ``(n, G*bq, bk)``, ``-inf`` where hidden.
+        """Masked scaled scores of the block: ``(n, G*bq, bk)``, ``-inf`` where hidden.
 
-        ``qb (n, G*bq, D)`` holds the group's queries q0:q1 times ``scale * log2(e)``. The
+        ``qb (n, G*bq, D)`` holds the group's queries q0:q1 times ``scale``. The
         result lives in this thread's scratch buffer "s" until the next call.
         """
         kb = self.kv_rows(self.k2, grp, k0, k1)  # (n, bk, D)
@@ -135,7 +131,7 @@ class Blocks:
         if allowed is not None or bias is not None:
             s4 = self.heads_view(s, grp, q1 - q0)  # (b, Hq', bq, bk)
             if bias is not None:
-                s4.add_(bias, alpha=LOG2E)
+                s4.add_(bias)
             if allowed is not None:  # select, never multiply: NaN there cannot leak
                 torch.where(allowed, s4, self.neg_inf, out=s4)
         return s
@@ -186,8 +182,17 @@ def _slice_heads(t: Tensor, bs: slice, hs: slice) -> Tensor:
 
 
 
-def base2_lse(lse: Tensor) -> Tensor:
-    """Base-2 lse for recomputing weights: rows that see no key get +inf, so that
-    ``exp2(-inf - lse2) = 0`` there instead of NaN."""
-    return (lse * LOG2E).masked_fill(lse == float("-inf"), float("inf"))
+def row_stats(lse: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(row_max, inv_sum)`` with ``weights = exp(score - row_max) * inv_sum``.
 
+    ``lse`` is either the pair :func:`~.core.chunked_forward` keeps (``stats=True``): the
+    row's largest score and ``1 / sum(exp(score - max))``, which recomputes the weights
+    to the precision of the forward even when every score of the row is near ``-1e9``
+    (where ``max + log(sum)`` as one float would round ``log(sum)`` away); or one log-sum-
+    exp tensor (ring attention's merged one), read as ``(lse, 1)``. Rows that see no key
+    get ``row_max = +inf`` (so ``exp(-inf - inf) = 0``, never NaN) and ``inv_sum = 0``.
+    """
+    if isinstance(lse, Tensor):
+        return lse.masked_fill(lse == float("-inf"), float("inf")), torch.ones_like(lse)
+    row_max, inv_sum = lse
+    return row_max.masked_fill(row_max == float("-inf"), float("inf")), inv_sum

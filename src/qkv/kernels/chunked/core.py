@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ...masks import Mask
 from ...validate import check_qkv
-from .blocks import LN2, LOG2E, Blocks, base2_lse
+from .blocks import Blocks, row_stats
 from .planning import plan_blocks
 from .threads import run_shares
 
@@ -33,8 +33,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor | None, mask: Mask) -> None:
 @torch.no_grad()
 def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *,
                     dropout: float = 0.0, seed: int | None = None, block_q: int | None = None,
-                    block_k: int | None = None,
-                    offsets: tuple[int, int] = (0, 0)) -> tuple[Tensor, Tensor]:
+                    block_k: int | None = None, offsets: tuple[int, int] = (0, 0),
+                    stats: bool = False) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
     """Attention of q over the keys given, by blocks: ``(out, lse)``.
 
     Args:
@@ -47,6 +47,11 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *
             ``k[..., 0, :]``, used only to place the dropout pattern (so shards of one
             sequence draw the same mask as the whole would).
         block_q, block_k: block sizes (default: :func:`plan_blocks`).
+        stats: return, instead of ``lse``, the pair ``(row_max, inv_sum)`` (each ``(B, Hq,
+            Lq)``: the row's largest score and ``1 / sum(exp(score - row_max))``), which
+            :func:`chunked_weights` and :func:`chunked_backward` accept in place of ``lse``
+            and which keeps their precision when scores are large (an additive mask of
+            ``-1e9``: ``lse`` as one float rounds ``log(sum)`` away there).
 
     Returns:
         ``out (B, Hq, Lq, Dv)`` in the compute dtype (float32; float64 for float64 inputs)
@@ -61,25 +66,32 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *
     bl = Blocks(q, k, v, mask, scale, plan, dropout=dropout, seed=seed, offsets=offsets)
     dv = v.shape[-1]
     out = torch.empty(bl.b, bl.hkv, bl.g, bl.lq, dv, dtype=bl.ct, device=q.device)
-    lse = torch.empty(bl.b, bl.hkv, bl.g, bl.lq, dtype=bl.ct, device=q.device)
+    row_max = torch.empty(bl.b, bl.hkv, bl.g, bl.lq, dtype=bl.ct, device=q.device)
+    row_sum = torch.empty_like(row_max)  # (B, Hkv, G, Lq)
 
     def work(_: int, share: list) -> None:
         for grp, q0, q1 in share:
             b0, b1, h0, h1 = grp
-            o, l2 = _forward_rows(bl, grp, q0, q1)  # (n, G*bq, Dv), (n, G*bq, 1)
+            o, m, total = _forward_rows(bl, grp, q0, q1)  # (n, G*bq, Dv), 2x (n, G*bq, 1)
             rows = (b1 - b0, h1 - h0, bl.g, q1 - q0)
             out[b0:b1, h0:h1, :, q0:q1] = o.view(*rows, dv)
-            lse[b0:b1, h0:h1, :, q0:q1] = l2.view(rows) * LN2
+            row_max[b0:b1, h0:h1, :, q0:q1] = m.view(rows)
+            row_sum[b0:b1, h0:h1, :, q0:q1] = total.view(rows)
 
     run_shares(bl.shares(fixed=False), work)
-    return out.view(bl.b, bl.hq, bl.lq, dv), lse.view(bl.b, bl.hq, bl.lq)
+    out = out.view(bl.b, bl.hq, bl.lq, dv)
+    row_max, row_sum = row_max.view(bl.b, bl.hq, bl.lq), row_sum.view(bl.b, bl.hq, bl.lq)
+    seen = row_max != float("-inf")  # NaN counts as seen: it propagates
+    if stats:
+        return out, (row_max, torch.where(seen, 1.0 / row_sum, 0.0))
+    return out, torch.where(seen, row_max + torch.log(row_sum), float("-inf"))
 
 
-def _forward_rows(bl: Blocks, grp, q0: int, q1: int) -> tuple[Tensor, Tensor]:
+def _forward_rows(bl: Blocks, grp, q0: int, q1: int) -> tuple[Tensor, Tensor, Tensor]:
     """The online softmax over every key block for queries q0:q1 of one head group.
 
-    Returns the normalised output ``(n, G*bq, Dv)`` and the base-2 log-sum-exp
-    ``(n, G*bq, 1)``.
+    Returns the normalised output ``(n, G*bq, Dv)``, the row max and the row's sum of
+    ``exp(score - max)`` (each ``(n, G*bq, 1)``; max ``-inf`` where the row sees no key).
     """
     qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D)
     n, rows = qb.shape[0], qb.shape[1]
@@ -89,15 +101,15 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int) -> tuple[Tensor, Tensor]:
     acc = torch.zeros((n, rows, dv), dtype=bl.ct, device=bl.device)  # (n, G*bq, Dv)
     first = True
     for k0, k1, state in bl.states(q0, q1):
-        s = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk) base 2, -inf = hidden
+        s = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk), -inf = hidden
         new_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))  # (n, G*bq, 1)
         # Rows that have seen no visible key yet keep max -inf: shift them by 0 instead.
         shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
-        p = s.sub_(shift).exp2_()  # (n, G*bq, bk) unnormalised weights, 0 where hidden
+        p = s.sub_(shift).exp_()  # (n, G*bq, bk) unnormalised weights, 0 where hidden
         if first:
             torch.sum(p, dim=-1, keepdim=True, out=row_sum)
         else:
-            rescale = (row_max - shift).exp2_()  # (n, G*bq, 1); exp2(-inf) = 0
+            rescale = (row_max - shift).exp_()  # (n, G*bq, 1); exp(-inf) = 0
             row_sum.mul_(rescale).add_(p.sum(dim=-1, keepdim=True))
             acc.mul_(rescale)
         if bl.dropout > 0:  # the sum above normalises; the values get the dropped weights
@@ -109,21 +121,24 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int) -> tuple[Tensor, Tensor]:
             acc.baddbmm_(p, vb)
         row_max = new_max
         first = False
-    seen = row_sum > 0  # (n, G*bq, 1); False: the row saw no key
+    # False: the row saw no key. A NaN score makes the max NaN: seen, so NaN propagates.
+    seen = row_max != float("-inf")  # (n, G*bq, 1)
     out = torch.where(seen, acc / torch.where(seen, row_sum, 1.0), 0.0)  # (n, G*bq, Dv)
-    lse2 = torch.where(seen, row_max + torch.log2(row_sum), float("-inf"))  # (n, G*bq, 1)
-    return out, lse2
+    return out, row_max, row_sum
 
 
 # ---- weights -------------------------------------------------------------------------------------
 @torch.no_grad()
-def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float, lse: Tensor, *,
+def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float,
+                    lse: Tensor | tuple[Tensor, Tensor], *,
                     out: Tensor, dropout: float = 0.0, seed: int | None = None,
                     block_q: int | None = None, block_k: int | None = None,
                     offsets: tuple[int, int] = (0, 0)) -> Tensor:
     """Write the exact attention weights ``exp(scores - lse)`` into ``out (B, Hq, Lq, Lk)``.
 
-    ``lse (B, Hq, Lq)`` comes from :func:`chunked_forward` on the same inputs. Blocks are
+    ``lse (B, Hq, Lq)`` (or the ``(row_max, inv_sum)`` pair of ``stats=True``, which keeps
+    the precision for large scores) comes from :func:`chunked_forward` on the same inputs.
+    Blocks are
     computed one at a time straight into ``out`` (a contiguous tensor of any float dtype):
     hidden entries are 0, and with ``dropout`` the weights are the ones applied to the
     values (dropped = 0, kept scaled by ``1/(1-p)``). Returns ``out``.
@@ -131,7 +146,9 @@ def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float, lse: Tensor,
     _check_qkv(q, k, None, mask)
     plan = plan_blocks(q, k, mask=mask, block_q=block_q, block_k=block_k)
     bl = Blocks(q, k, None, mask, scale, plan, dropout=dropout, seed=seed, offsets=offsets)
-    lse5 = base2_lse(lse).view(bl.b, bl.hkv, bl.g, bl.lq, 1)
+    row_max, inv_sum = row_stats(lse)  # (B, Hq, Lq) each
+    max5 = row_max.view(bl.b, bl.hkv, bl.g, bl.lq, 1)
+    inv5 = inv_sum.view(bl.b, bl.hkv, bl.g, bl.lq, 1)
     out.zero_()  # blocks the band hides stay 0
     out5 = out.view(bl.b, bl.hkv, bl.g, bl.lq, bl.lk)
 
@@ -139,9 +156,11 @@ def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float, lse: Tensor,
         for grp, q0, q1 in share:
             b0, b1, h0, h1 = grp
             qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D)
-            lb = bl.q_rows(lse5, grp, q0, q1)  # (n, G*bq, 1)
+            mb = bl.q_rows(max5, grp, q0, q1)  # (n, G*bq, 1)
+            ib = bl.q_rows(inv5, grp, q0, q1)  # (n, G*bq, 1)
             for k0, k1, state in bl.states(q0, q1):
-                p = bl.scores(qb, grp, q0, q1, k0, k1, state).sub_(lb).exp2_()  # (n, G*bq, bk)
+                s = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk)
+                p = s.sub_(mb).exp_().mul_(ib)  # (n, G*bq, bk)
                 if bl.dropout > 0:
                     bl.drop_(p, grp, q0, q1, k0, k1)
                 dst = out5[b0:b1, h0:h1, :, q0:q1, k0:k1]  # (b, Hkv', G, bq, bk)
@@ -153,8 +172,9 @@ def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float, lse: Tensor,
 
 # ---- backward ------------------------------------------------------------------------------------
 @torch.no_grad()
-def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor,
-                     mask: Mask, scale: float, *, dropout: float = 0.0, seed: int | None = None,
+def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor,
+                     lse: Tensor | tuple[Tensor, Tensor], delta: Tensor, mask: Mask,
+                     scale: float, *, dropout: float = 0.0, seed: int | None = None,
                      block_q: int | None = None, block_k: int | None = None,
                      offsets: tuple[int, int] = (0, 0), dweights: Tensor | None = None,
                      dbias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -164,7 +184,9 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor,
         q, k, v, mask, scale, dropout, seed, offsets: as in :func:`chunked_forward`.
         dout: ``(B, Hq, Lq, Dv)``, the gradient of the output (any strides).
         lse: ``(B, Hq, Lq)``, the log-sum-exp of each row over *all* its keys (for ring
-            attention, the merged lse, not the shard's).
+            attention, the merged lse, not the shard's), or the ``(row_max, inv_sum)``
+            pair of ``chunked_forward(..., stats=True)``, which keeps the precision when
+            scores are large.
         delta: ``(B, Hq, Lq)``, ``(dout * out).sum(-1)`` with the *full* output ``out``
             (plus ``(dweights * weights).sum(-1)`` when ``dweights`` is given).
         dweights: optional ``(B, Hq, Lq, Lk)`` gradient of the returned weights.
@@ -182,12 +204,22 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor,
     bl = Blocks(q, k, v, mask, scale, plan, dropout=dropout, seed=seed, offsets=offsets)
     b, hkv, g, lq, lk = bl.b, bl.hkv, bl.g, bl.lq, bl.lk
     d, dv_ = q.shape[-1], v.shape[-1]
+    row_max, inv_sum = row_stats(lse)  # (B, Hq, Lq) each
+    do, inv = dout.to(bl.ct), None
+    if not isinstance(lse, Tensor):
+        # Blocks recompute exp(score - row_max) = P / inv_sum: exact even at scores of -1e9,
+        # where exp(score - lse) would not be (lse rounds at that magnitude). Folding
+        # inv_sum into dout and delta gives dv = P^T dout and dS = P (dP - delta) unchanged.
+        inv = inv_sum.unsqueeze(-1)  # (B, Hq, Lq, 1)
+        do, delta = do * inv, delta.to(bl.ct) * inv_sum
     rows = {
-        "do": dout.to(bl.ct).reshape(b, hkv, g, lq, dv_),  # (B, Hkv, G, Lq, Dv)
-        "lse": base2_lse(lse).reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
+        "do": do.reshape(b, hkv, g, lq, dv_),  # (B, Hkv, G, Lq, Dv)
+        "max": row_max.reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
         "delta": delta.to(bl.ct).reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
     }
     dw5 = None if dweights is None else dweights.reshape(b, hkv, g, lq, lk)
+    if dw5 is not None and inv is not None:
+        dw5 = dw5.to(bl.ct) * inv.reshape(b, hkv, g, lq, 1)  # scaled like dout
     dq = torch.zeros(b, hkv, g, lq, d, dtype=bl.ct, device=q.device)  # (B, Hkv, G, Lq, D)
     shares = bl.shares(fixed=True)
     # dk, dv (and dbias) gather contributions from every query block: one private
@@ -212,8 +244,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor,
         dv.add_(dvs[i])
         if dbs is not None:
             dbias.add_(dbs[i])
-    dq.mul_(scale)
-    dk.mul_(1.0 / LOG2E)  # q2 carried scale * log2(e); dk = scale * dS^T q
+    dq.mul_(scale)  # q2 carried the scale already: dk = dS^T q2 = scale * dS^T q
     return dq.view(b, bl.hq, lq, d), dk.view(b, hkv, lk, d), dv.view(b, hkv, lk, dv_)
 
 
@@ -223,15 +254,15 @@ def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor],
     """Gradients from queries q0:q1 of one head group: adds into ``dk``, ``dv`` (and
     ``dbias``), returns this block's unscaled ``dq (n, G*bq, D)`` (None: it sees no key)."""
     b0, b1, h0, h1 = grp
-    qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D), q * scale * log2(e)
+    qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D), q * scale
     dob = bl.q_rows(rows["do"], grp, q0, q1)  # (n, G*bq, Dv)
-    lb = bl.q_rows(rows["lse"], grp, q0, q1)  # (n, G*bq, 1)
+    mb = bl.q_rows(rows["max"], grp, q0, q1)  # (n, G*bq, 1)
     db = bl.q_rows(rows["delta"], grp, q0, q1)  # (n, G*bq, 1)
     dqb = None
     for k0, k1, state in bl.states(q0, q1):
         kb = bl.kv_rows(bl.k2, grp, k0, k1)  # (n, bk, D)
         vb = bl.kv_rows(bl.v2, grp, k0, k1)  # (n, bk, Dv)
-        p = bl.scores(qb, grp, q0, q1, k0, k1, state).sub_(lb).exp2_()  # (n, G*bq, bk)
+        p = bl.scores(qb, grp, q0, q1, k0, k1, state).sub_(mb).exp_()  # (n, G*bq, bk)
         dp = bl.buffer("dp", *p.shape)  # (n, G*bq, bk)
         torch.bmm(dob, vb.transpose(1, 2), out=dp)  # gradient of the applied weights
         if dw5 is not None:
