@@ -57,6 +57,14 @@ class Task(ABC):
     def max_target_len(self) -> int:
         """The longest target in characters (decoding stops one token after it, for EOS)."""
 
+    @classmethod
+    def input_problem(cls, text: str, **options) -> str | None:
+        """Why ``text`` is not a source this task (built with ``options``) could produce, in
+        one phrase, or None when it could be one (or the task cannot tell). A model trained on
+        the task still answers such a text, but its answer is a guess. Cheap: the task itself
+        is not built."""
+        return None
+
     def tokenizer(self) -> CharTokenizer:
         return CharTokenizer(self.alphabet())
 
