@@ -193,7 +193,10 @@ def translate_command(
     threads: Annotated[int | None, threads_option()] = None,
 ) -> None:
     """Translate TEXT with the latest checkpoint in RUN_DIR and print the output."""
+    import warnings
+
     from ..decode import load_run, translate
+    from ..tasks import OutsideTaskWarning
 
     if isinstance(beam, bool) or beam < 1:
         raise ValueError(f"--beam must be >= 1; got {beam}")
@@ -203,7 +206,11 @@ def translate_command(
         raise ValueError("the input text is empty; give the text to translate, e.g. "
                          f"qkv translate {run_dir} '28 novembre 2026'")
     run = load_run(run_dir, device=device)
-    result = translate(run, text, beam=beam)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OutsideTaskWarning)
+        result = translate(run, text, beam=beam)
+    for w in caught:  # before the answer: it is a guess
+        print(f"qkv: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
     amap = result.attention
     layer = amap.num_layers - 1 if layer is None else layer
     heads = list(range(amap.num_heads)) if head is None else [head]

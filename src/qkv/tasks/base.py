@@ -10,12 +10,16 @@ import numpy as np
 
 from .tokenizer import CharTokenizer
 
-__all__ = ["VALIDATION_SEED", "Example", "Task", "bucket"]
+__all__ = ["VALIDATION_SEED", "Example", "OutsideTaskWarning", "Task", "bucket"]
 
 Example = tuple[str, str]  # (source text, target text)
 
 #: Validation sets do not depend on the training seed: every run is scored on the same set.
 VALIDATION_SEED = 0x5EED
+
+
+class OutsideTaskWarning(UserWarning):
+    """A model was asked about a text unlike any its task produces: the answer is a guess."""
 
 
 def bucket(text: str, buckets: int = 100) -> int:
