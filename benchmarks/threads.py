@@ -14,7 +14,8 @@ Run from the repository root::
 
     python benchmarks/threads.py --busy 1 --rounds 3 --json threads.json
 
-The ``qkv translate`` runs use the checkpoint of the first ``qkv train`` run.
+The ``qkv translate`` rows use ``--run DIR``, or else a checkpoint trained first (with
+``--steps`` steps, one thread).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="qkv train dates --steps")
     p.add_argument("--commands", default=",".join(COMMANDS),
                    help=f"comma-separated subset of {','.join(COMMANDS)}")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per command run")
+    p.add_argument("--timeout", type=float, default=1800,
+                   help="seconds per command run; a run stopped there shows as 'inf'")
+    p.add_argument("--run", type=Path, default=None,
+                   help="a run directory for the qkv translate rows (default: train one first)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.commands = [c for c in args.commands.split(",") if c]
@@ -63,7 +67,8 @@ def argv(command: str, setting: str, work: Path, tag: str) -> tuple[list[str], d
     elif command == "explain":
         cmd = ["explain", SENTENCE]
     elif command == "translate":
-        cmd = ["translate", str(work / "run-first"), "28 novembre 2026"]
+        run = ARGS.run if ARGS.run is not None else work / "run-first"
+        cmd = ["translate", str(run), "28 novembre 2026"]
     else:
         cmd = ["train", "dates", "--steps", str(ARGS.steps), "--quiet", "--out",
                str(work / f"run-{tag}")]
@@ -75,8 +80,11 @@ def timed(cmd: list[str], env: dict) -> float:
     if "OMP_NUM_THREADS" not in env:
         full.pop("OMP_NUM_THREADS", None)
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       text=True, timeout=ARGS.timeout)
+    try:
+        r = subprocess.run(cmd, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, timeout=ARGS.timeout)
+    except subprocess.TimeoutExpired:  # stopped at the limit: the time is at least that
+        return float("inf")
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr}")
@@ -92,7 +100,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="qkv-threads-") as tmp:
             work = Path(tmp)
-            if "translate" in ARGS.commands:  # a checkpoint to translate with
+            if "translate" in ARGS.commands and ARGS.run is None:  # a checkpoint to use
                 timed(argv("train", "1", work, "first")[0], {})
             for r in range(ARGS.rounds):
                 for c in ARGS.commands:
