@@ -36,6 +36,7 @@ def test_version(capsys):
     (["explain"], ["--words", "--tokens", "--hide-special", "--rollout", "--strict", "--json"]),
     (["train"], ["--resume", "--rotary", "--sinusoidal", "--quiet"]),
     (["translate"], ["--show-attention"]),
+    (["summarize"], ["--show-attention"]),
 ])
 def test_help_shows_flags_without_a_type(capsys, monkeypatch, command, flags):
     monkeypatch.setenv("COLUMNS", "200")
@@ -91,7 +92,8 @@ def test_train_and_translate_thread_rule(capsys, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("command", [["explain", "The cat sat."], ["train", "copy"],
-                                     ["translate", "runs/none", "abc"]])
+                                     ["translate", "runs/none", "abc"],
+                                     ["summarize", "runs/none", "x.py"]])
 @pytest.mark.parametrize("value", ["0", "-2"])
 def test_bad_thread_count_is_one_line(capsys, command, value):
     code, out, err = run(capsys, *command, "--threads", value)
