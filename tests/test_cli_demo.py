@@ -64,6 +64,22 @@ def test_demo_multi_head(capsys):
     assert again == data  # seeded
     code, text, _ = run(capsys, "demo", "--heads", "2", "--words", "the cat sat")
     assert code == 0 and "head 1" in text and "cat" in text
+    assert "2 heads of 4 dims" in " ".join(text.split())
+
+
+def test_demo_counts_in_the_singular(capsys):
+    code, text, _ = run(capsys, "demo", "--heads", "1", "--head-dim", "1", "--words", "a b")
+    assert code == 0
+    assert "1 head of 1 dim," in " ".join(text.split())
+    assert "1 heads" not in text and "1 dims" not in text
+
+
+def test_demo_keeps_the_callers_random_state(capsys):
+    import torch
+
+    before = torch.get_rng_state()
+    assert run(capsys, "demo", "--heads", "2", "--seed", "7", "--json")[0] == 0
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -143,3 +143,30 @@ def test_tokenizer():
     assert CharTokenizer.from_dict(tok.to_dict()) == tok
     with pytest.raises(ValueError, match="single characters"):
         CharTokenizer(["ab"])
+
+
+def test_dates_input_problem_accepts_every_rendering_and_refuses_other_text(dates):
+    # every source the task samples, seen and held-out locales, is in the task's formats
+    rng = np.random.default_rng(3)
+    samples = dates.sample(rng, 400) + dates.sample(rng, 200, split="heldout")
+    assert [s for s, _ in samples if DatesTask.input_problem(s, **dates.options())] == []
+    for text in ("28 novembre 2026", "Nov 28, 2026", "2026年11月28日", "11/28/26",
+                 "samedi 28 novembre 2026", " 28.11.26 "):
+        assert DatesTask.input_problem(text) is None, text
+    for text in ("hello world", "28 Novembre 2026", "novembre", "2026", "28 novembre 2026 !"):
+        why = DatesTask.input_problem(text)
+        assert why is not None and "not written like any date" in why, text
+    # the year range is part of the format: a year outside it is not a rendering
+    assert DatesTask.input_problem("28 novembre 2026", first_year=1950, years=50) is not None
+
+
+@pytest.mark.parametrize("name", ["reverse", "sort", "copy"])
+def test_sequence_input_problem(name):
+    task = get_task(name, min_len=2, max_len=9)
+    cls = type(task)
+    assert all(cls.input_problem(s, **task.options()) is None
+               for s, _ in task.sample(np.random.default_rng(1), 200))
+    assert "10 characters; sources have 2 to 9" in cls.input_problem("abcdefghij",
+                                                                     **task.options())
+    assert "characters the task never produces ('A';" in cls.input_problem("abA",
+                                                                          **task.options())

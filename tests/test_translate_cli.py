@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qkv.cli import main
-from qkv.decode import load_run
+from qkv.decode import load_run, translate
 
 from helpers import one_thread
 
@@ -65,6 +65,43 @@ def test_show_attention_and_files(run_dir, capsys, tmp_path):
     assert (tmp_path / "align.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (tmp_path / "align.html").read_text()
     assert "<script" in page and "http://" not in page.split("Content-Security-Policy")[0]
+
+
+def test_translate_warns_when_the_text_is_outside_the_task(run_dir, capsys):
+    code, out, err = run(capsys, "translate", run_dir, "abcde")
+    assert code == 0 and out.endswith("\n") and err == ""
+    # 16 characters: reverse sources have 1 to 12; still answered, after a one-line warning
+    code, out, err = run(capsys, "translate", run_dir, "abcdefghijklmnop")
+    assert code == 0 and out.endswith("\n")  # the answer (this small model's may be empty)
+    assert err == ("qkv: warning: 'abcdefghijklmnop' is outside what task 'reverse' was "
+                   "trained on: it has 16 characters; sources have 1 to 12; the output is a "
+                   "guess\n")
+
+
+def test_translate_warns_on_text_that_is_not_a_date(tmp_path, capsys):
+    out_dir = tmp_path / "dates"
+    tiny = ["--steps", "1", "--batch-size", "4", "--d-model", "16", "--heads", "2",
+            "--encoder-layers", "1", "--decoder-layers", "1", "--ff-dim", "16",
+            "--eval-every", "1", "--eval-size", "2", "--checkpoint-every", "1", "--quiet"]
+    assert run(capsys, "train", "dates", "--out", out_dir, *tiny)[0] == 0
+    code, out, err = run(capsys, "translate", out_dir, "hello world")
+    assert code == 0 and out.endswith("\n")
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "qkv: warning: 'hello world' is outside what task 'dates' was trained on: it is not "
+        "written like any date of the task")
+    assert lines[0].endswith("; the output is a guess")
+    for date in ("28 novembre 2026", "Nov 28, 2026", "2026年11月28日"):
+        code, _, err = run(capsys, "translate", out_dir, date)
+        assert code == 0 and err == "", (date, err)
+
+
+def test_library_translate_warns_with_its_own_category(run_dir):
+    from qkv.tasks import OutsideTaskWarning
+
+    with pytest.warns(OutsideTaskWarning, match="it has 13 characters; sources have 1 to 12"):
+        t = translate(load_run(run_dir), "abcdefghijklm")
+    assert t.text == "abcdefghijklm" and t.attention.num_layers == 1
 
 
 @pytest.mark.parametrize("args, message", [

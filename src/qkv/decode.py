@@ -9,6 +9,7 @@ produced it (an :class:`~qkv.attention_map.AttentionMap`, ready for :mod:`qkv.vi
 from __future__ import annotations
 
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from .attention_map import AttentionMap
 from .checkpoint import load_weights
 from .models.seq2seq import Transformer
-from .tasks import CharTokenizer, SubwordTokenizer, load_tokenizer
+from .tasks import TASKS, CharTokenizer, OutsideTaskWarning, SubwordTokenizer, load_tokenizer
 from .train import TrainConfig, build_model, read_run, resolve_device
 
 __all__ = ["Run", "Translation", "display_char", "load_run", "translate"]
@@ -74,7 +75,9 @@ def display_char(c: str) -> str:
 def translate(run: Run, text: str, *, beam: int = 1) -> Translation:
     """Decode ``text`` with a loaded run (greedy, or beam search with ``beam > 1``).
 
-    ValueError for an empty text or characters outside the model's vocabulary.
+    ValueError for an empty text or characters outside the model's vocabulary; an
+    :class:`~qkv.tasks.OutsideTaskWarning` for a text unlike any the run's task produces
+    (the model still answers, but the answer is a guess).
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str; got {type(text).__name__}")
@@ -86,6 +89,11 @@ def translate(run: Run, text: str, *, beam: int = 1) -> Translation:
         shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in bad)
         raise ValueError(f"the input has characters outside the vocabulary of this model: "
                          f"{shown}; it was trained on task {run.config.task!r}")
+    task = TASKS.get(run.config.task)
+    problem = task.input_problem(text, **run.config.task_options) if task else None
+    if problem:
+        warnings.warn(f"{text!r} is outside what task {run.config.task!r} was trained on: "
+                      f"{problem}; the output is a guess", OutsideTaskWarning, stacklevel=2)
     model, tok = run.model, run.tokenizer
     device = next(model.parameters()).device
     src = tok.batch([text]).to(device)  # (1, Ls)

@@ -29,9 +29,14 @@ def __getattr__(name: str):
 
 def _register():
     """Importing a command module registers its command on ``app``."""
-    from . import demo, explain, summarize, train  # noqa: F401  (one module per command)
-    from .app import app
+    from typer.core import TyperCommand
 
+    from . import demo, explain, summarize, train  # noqa: F401  (one module per command)
+    from .app import PlainFlagsCommand, app
+
+    for command in app.registered_commands:  # every command's --help: flags without a type
+        if command.cls in (None, TyperCommand):
+            command.cls = PlainFlagsCommand
     return app
 
 

@@ -108,8 +108,9 @@ def _multi_head(words_text: str, heads: int, head_dim: int, seed: int) -> dict:
     _check_fits(len(words), heads, embed)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, len(words), embed, generator=gen, dtype=torch.float64)  # (1, L, E)
-    torch.manual_seed(seed)
-    mha = qkv.MultiHeadAttention(embed, heads).double().eval()
+    with torch.random.fork_rng(devices=[]):  # seed the projections, keep the caller's RNG
+        torch.manual_seed(seed)
+        mha = qkv.MultiHeadAttention(embed, heads).double().eval()
     with torch.no_grad():
         q = mha._split(mha.q_proj(x), heads)  # (1, H, L, Dh)
         k = mha._split(mha.k_proj(x), heads)  # (1, H, L, Dh)
@@ -156,6 +157,11 @@ def _table(title: str, rows, row_labels, col_labels):
     return Group(Text(title, style="bold"), t, Text(""))
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 head``, ``2 heads``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _print(data: dict) -> None:
     from rich.console import Console
     from rich.text import Text
@@ -179,8 +185,9 @@ def _print(data: dict) -> None:
         return
     words = data["words"]
     con.print(Text.assemble(("Multi-head self-attention", "bold"),
-                            f" over {words}: {data['heads']} heads of {data['head_dim']} dims, "
-                            f"seeded random embeddings and projections (seed {data['seed']})"))
+                            f" over {words}: {_count(data['heads'], 'head')} of "
+                            f"{_count(data['head_dim'], 'dim')}, seeded random embeddings and "
+                            f"projections (seed {data['seed']})"))
     for h in data["per_head"]:
         con.print(_table(f"head {h['head']}: scaled scores (row = query word)", h["scaled"],
                          words, words))

@@ -17,12 +17,14 @@ from typing import Annotated
 import typer
 
 from .app import app
+from .threads import threads_option, uses_threads
 
 DEFAULT_TEXT = "The animal didn't cross the street because it was too tired"
 OUTPUTS = (".html", ".png", ".svg", ".json", ".npz")
 
 
 @app.command()
+@uses_threads
 def explain(
     text: Annotated[str, typer.Argument(help="The sentence to explain (quote it).")],
     word: Annotated[str | None, typer.Option(
@@ -58,6 +60,7 @@ def explain(
                          "truncating it.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
     = False,
+    threads: Annotated[int | None, threads_option()] = None,
 ) -> None:
     """Show what each attention head of a real pretrained model attends to.
 
@@ -75,14 +78,8 @@ def explain(
     if output is not None:
         _check_output(output)
 
-    import torch
-
     from ..head_choice import choose_head, default_query
     from ..models import load_pretrained
-
-    # One text is too little work to share: on a busy 2-core machine a second thread
-    # turns the 15-token forward from ~15 ms into ~0.5 s of waiting for each other.
-    torch.set_num_threads(1)
     from .explain_hf import attend, is_hf_dir
 
     hf = is_hf_dir(model)  # any other Hugging Face model, run by transformers

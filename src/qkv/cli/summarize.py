@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from .app import app
+from .threads import threads_option, uses_threads
 
 
 def _read_code(target: str) -> tuple[str, str | None, str]:
@@ -39,6 +40,7 @@ def _read_code(target: str) -> tuple[str, str | None, str]:
 
 
 @app.command("summarize")
+@uses_threads
 def summarize_command(
     run_dir: Annotated[Path, typer.Argument(help="A run directory of qkv train summarize.")],
     target: Annotated[str, typer.Argument(
@@ -63,6 +65,7 @@ def summarize_command(
     head: Annotated[int | None, typer.Option(
         help="Head to show (default: every head).", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    threads: Annotated[int | None, threads_option()] = None,
 ) -> None:
     """Summarise each function of a Python file with the latest checkpoint in RUN_DIR."""
     from ..decode import load_run

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from .app import app
+from .threads import threads_option, uses_threads
 
 # Defaults of the model/optimiser options; None in the signatures means "not given", so
 # --resume can tell an explicit option (which must match the checkpoint) from a default.
@@ -57,6 +58,7 @@ def _opt(help_text: str, *names: str):
 
 
 @app.command("train")
+@uses_threads
 def train_command(
     task: Annotated[str, typer.Argument(
         help="The task: dates, reverse, sort, copy or summarize.")],
@@ -85,9 +87,7 @@ def train_command(
     eval_size: Annotated[int | None, _opt("Validation examples (default: 1000).")] = None,
     checkpoint_every: Annotated[int | None, _opt("Checkpoint every N steps (default: 250).")]
     = None,
-    threads: Annotated[int | None, _opt("CPU threads for torch (default: torch's choice). "
-                                        "On a busy machine 1 is often fastest for small "
-                                        "models.")] = None,
+    threads: Annotated[int | None, threads_option()] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     nproc: Annotated[int | None, _opt("Train data-parallel on N local processes "
                                       "(DistributedDataParallel: gloo on CPU, NCCL with one "
@@ -99,7 +99,6 @@ def train_command(
     summarize has its own defaults, sized for a 2-core CPU: --steps 3000 --batch-size 32
     --d-model 128 --ff-dim 512 --eval-every 500 --eval-size 200 --checkpoint-every 100.
     """
-    import torch
     from rich.console import Console
 
     from ..decode import load_run
@@ -117,10 +116,6 @@ def train_command(
         "checkpoint_every": checkpoint_every,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be >= 1; got {threads}")
-        torch.set_num_threads(threads)
     run_dir = out if out is not None else Path("runs") / task
     console = Console(stderr=True)
     from ..checkpoint import check_run_dir
@@ -180,6 +175,7 @@ def train_command(
 
 
 @app.command("translate")
+@uses_threads
 def translate_command(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by qkv train.")],
     text: Annotated[str, typer.Argument(help="The text to translate, e.g. '28 novembre 2026'.")],
@@ -194,9 +190,13 @@ def translate_command(
     head: Annotated[int | None, typer.Option(
         help="Head to show (default: every head).", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    threads: Annotated[int | None, threads_option()] = None,
 ) -> None:
     """Translate TEXT with the latest checkpoint in RUN_DIR and print the output."""
+    import warnings
+
     from ..decode import load_run, translate
+    from ..tasks import OutsideTaskWarning
 
     if isinstance(beam, bool) or beam < 1:
         raise ValueError(f"--beam must be >= 1; got {beam}")
@@ -206,7 +206,11 @@ def translate_command(
         raise ValueError("the input text is empty; give the text to translate, e.g. "
                          f"qkv translate {run_dir} '28 novembre 2026'")
     run = load_run(run_dir, device=device)
-    result = translate(run, text, beam=beam)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OutsideTaskWarning)
+        result = translate(run, text, beam=beam)
+    for w in caught:  # before the answer: it is a guess
+        print(f"qkv: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
     amap = result.attention
     layer = amap.num_layers - 1 if layer is None else layer
     heads = list(range(amap.num_heads)) if head is None else [head]

@@ -5,15 +5,15 @@ with train and validation splits that never overlap, and a tokenizer covering al
 
 from __future__ import annotations
 
-from .base import Example, Task
+from .base import Example, OutsideTaskWarning, Task
 from .dates import DatesTask
 from .subword import SubwordTokenizer
 from .summarize import SummarizeTask
 from .synthetic import CopyTask, ReverseTask, SortTask
 from .tokenizer import BOS, EOS, PAD, CharTokenizer
 
-__all__ = ["BOS", "EOS", "PAD", "TASKS", "CharTokenizer", "Example", "SubwordTokenizer", "Task",
-           "get_task", "load_tokenizer"]
+__all__ = ["BOS", "EOS", "PAD", "TASKS", "CharTokenizer", "Example", "OutsideTaskWarning",
+           "SubwordTokenizer", "Task", "get_task", "load_tokenizer"]
 
 TASKS: dict[str, type[Task]] = {
     "dates": DatesTask,

@@ -10,12 +10,16 @@ import numpy as np
 
 from .tokenizer import CharTokenizer
 
-__all__ = ["VALIDATION_SEED", "Example", "Task", "bucket"]
+__all__ = ["VALIDATION_SEED", "Example", "OutsideTaskWarning", "Task", "bucket"]
 
 Example = tuple[str, str]  # (source text, target text)
 
 #: Validation sets do not depend on the training seed: every run is scored on the same set.
 VALIDATION_SEED = 0x5EED
+
+
+class OutsideTaskWarning(UserWarning):
+    """A model was asked about a text unlike any its task produces: the answer is a guess."""
 
 
 def bucket(text: str, buckets: int = 100) -> int:
@@ -56,6 +60,14 @@ class Task(ABC):
     @abstractmethod
     def max_target_len(self) -> int:
         """The longest target in characters (decoding stops one token after it, for EOS)."""
+
+    @classmethod
+    def input_problem(cls, text: str, **options) -> str | None:
+        """Why ``text`` is not a source this task (built with ``options``) could produce, in
+        one phrase, or None when it could be one (or the task cannot tell). A model trained on
+        the task still answers such a text, but its answer is a guess. Cheap: the task itself
+        is not built."""
+        return None
 
     def tokenizer(self) -> CharTokenizer:
         return CharTokenizer(self.alphabet())

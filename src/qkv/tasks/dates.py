@@ -197,6 +197,44 @@ def _enumerate(locales: tuple[str, ...], first_year: int, last_year: int
     return renderers, frozenset(ambiguous)
 
 
+@lru_cache(maxsize=4)
+def _format_patterns(locales: tuple[str, ...], first_year: int, last_year: int
+                     ) -> tuple[tuple[re.Pattern, tuple[frozenset[str], ...]], ...]:
+    """One regular expression per distinct (locale, format) of ``locales``, with the texts
+    each of its number fields may take. Names (months, weekdays, eras) are spelled out in
+    the expression; a number field is a group of digits whose text is checked against its
+    set after a match (a regex alternation of 100 years is slow to compile). Whitespace
+    matches any whitespace (CLDR uses no-break spaces that nobody types)."""
+    def literal(text: str) -> str:
+        return "".join(r"\s" if c.isspace() else re.escape(c) for c in text)
+
+    patterns: dict[tuple[str, tuple[frozenset[str], ...]], None] = {}
+    for loc in locales:
+        for fmt in FORMATS:
+            r = Renderer(loc, fmt, first_year=first_year, last_year=last_year)
+            parts, numbers = [literal(r.literals[0])], []
+            for table, lit in zip(r.tables, r.literals[1:], strict=True):
+                texts = sorted({t for t in table.tolist() if t is not None}, key=len,
+                               reverse=True)
+                if all(t.isdigit() and t.isascii() for t in texts):
+                    parts.append(rf"(\d{{{len(texts[-1])},{len(texts[0])}}})")
+                    numbers.append(frozenset(texts))
+                else:
+                    parts.append("(?:" + "|".join(literal(t) for t in texts) + ")")
+                parts.append(literal(lit))
+            patterns.setdefault(("".join(parts), tuple(numbers)))  # d/M/y and M/d/y differ
+    compiled = {p: re.compile(p) for p, _ in patterns}
+    return tuple((compiled[p], numbers) for p, numbers in patterns)
+
+
+def _is_rendering(text: str, patterns) -> bool:
+    for pattern, numbers in patterns:
+        m = pattern.fullmatch(text)
+        if m and all(g in allowed for g, allowed in zip(m.groups(), numbers, strict=True)):
+            return True
+    return False
+
+
 class DatesTask(Task):
     """Dates in CLDR formats of many locales -> ISO 8601. See the module docstring.
 
@@ -268,6 +306,18 @@ class DatesTask(Task):
                     if text is not None:
                         chars.update(text)
         return chars
+
+    @classmethod
+    def input_problem(cls, text: str, *, locales=SEEN_LOCALES, heldout=HELDOUT_LOCALES,
+                      first_year: int = 1950, years: int = 100, **_options) -> str | None:
+        every = tuple(locales) + tuple(heldout)
+        last_year = first_year + years - 1
+        patterns = _format_patterns(every, first_year, last_year)
+        if _is_rendering(text.strip(), patterns):
+            return None
+        return (f"it is not written like any date of the task (the CLDR short, medium, long "
+                f"and full formats of {len(every)} locales, years {first_year}-{last_year}, "
+                "e.g. '28 novembre 2026', 'Nov 28, 2026', '28.11.26')")
 
     def _date_split(self, ordinal: int) -> str:
         iso = _dt.date.fromordinal(ordinal).isoformat()

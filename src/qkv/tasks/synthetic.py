@@ -45,6 +45,18 @@ class SequenceTask(Task):
     def alphabet(self) -> set[str]:
         return set(self.chars)
 
+    @classmethod
+    def input_problem(cls, text: str, **options) -> str | None:
+        task = cls(**options)  # cheap: nothing is enumerated
+        odd = sorted(set(text) - set(task.chars))
+        if odd:
+            return (f"it has characters the task never produces ({''.join(odd)!r}; sources "
+                    f"are strings over {task.chars!r})")
+        if not task.min_len <= len(text) <= task.max_len:
+            return (f"it has {len(text)} characters; sources have {task.min_len} to "
+                    f"{task.max_len}")
+        return None
+
     @property
     def max_target_len(self) -> int:
         return self.max_len
