@@ -73,6 +73,12 @@ class KVCache:
                             "changing them. Fix: k.to(cache.k), or reset() to start over")
         return self._append_own(k, v)
 
+    def _reserve(self, capacity: int) -> None:
+        """Grow the storage to ``capacity`` tokens now: appends up to it will not move it."""
+        if self._k is not None and capacity > self._k.shape[2]:
+            self._k = _grow(self._k, capacity, self.length)
+            self._v = _grow(self._v, capacity, self.length)
+
     def _append_own(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`append` without its checks, for keys and values of the kind the cache
         holds already (the layer that filled it, one step later)."""

@@ -89,10 +89,20 @@ def _runner(q_heads: int, k: Tensor, v: Tensor, mask: Tensor | None):
     return be.plain_runner(call) or attention
 
 
+def _slots(cache, start: int, end: int) -> dict[int, tuple]:
+    """For each position p in [start, end): the cache's storage, the slots where p's key
+    and value go, and the views of keys and values 0..p, made once. Reserves the storage
+    first so that none of these views goes stale."""
+    cache._reserve(end)
+    k, v = cache._k, cache._v  # (B, Hkv, capacity, D)
+    return {p: (k, k.narrow(2, p, 1), v.narrow(2, p, 1), k.narrow(2, 0, p + 1),
+                v.narrow(2, 0, p + 1)) for p in range(start, end)}
+
+
 class LeanStep:
     """Logits of the next token, for one new token per row, from warm caches."""
 
-    def __init__(self, model, state, positions: Tensor) -> None:
+    def __init__(self, model, state, positions: Tensor, end: int) -> None:
         self.state = state
         # (1, E) rows of the sinusoidal table in the embedding's dtype, one per position
         self.pe = list(positions.split(1))
@@ -105,6 +115,7 @@ class LeanStep:
                                  strict=True):
             sa, ca = layer.self_attn, layer.cross_attn
             self.layers.append((
+                _slots(sc, state.length, end),
                 _ln(layer.norm1), sa._packed_in_proj(), sa.num_heads, sa.num_kv_heads,
                 sa.head_dim, sa.embed_dim, _lin(sa.out_proj), sc,
                 _runner(sa.num_heads, sc.k, sc.v, None),
@@ -131,7 +142,7 @@ class LeanStep:
                 if lin.weight is None:
                     return None
         pe = model._positions(0, state.length + max_len, model.embed.weight)  # (T, E)
-        return cls(model, state, pe)
+        return cls(model, state, pe, state.length + max_len)
 
     @staticmethod
     def bypassed() -> bool:
@@ -146,13 +157,18 @@ class LeanStep:
         y = torch.embedding(self.embed_w, ids) * self.embed_scale  # (B, 1, E), F.embedding
         y = y + self.pe[pos]  # (B, 1, E)
         b = y.shape[0]
-        for (ln1, packed, hq, hkv, dh, e, sa_out, sc, sa_run, ln2, cq, ch, cdh, ck, cv, ca_run,
-             ca_out, ln3, fc1, fc2) in self.layers:
+        for (slots, ln1, packed, hq, hkv, dh, e, sa_out, sc, sa_run, ln2, cq, ch, cdh, ck, cv,
+             ca_run, ca_out, ln3, fc1, fc2) in self.layers:
             # self-attention: one packed projection, one new key/value, every key visible
             heads = F.linear(_layer_norm(y, *ln1), *packed).view(
                 b, 1, hq + 2 * hkv, dh).transpose(1, 2)  # (B, Hq + 2 Hkv, 1, Dh)
-            k, v = sc._append_own(heads.narrow(1, hq, hkv),
-                                  heads.narrow(1, hq + hkv, hkv))  # (B, Hkv, T, Dh)
+            storage, k_slot, v_slot, k, v = slots[pos]  # k, v: (B, Hkv, pos + 1, Dh)
+            if sc._k is storage:  # what append does, with the views made beforehand
+                k_slot.copy_(heads.narrow(1, hq, hkv))
+                v_slot.copy_(heads.narrow(1, hq + hkv, hkv))
+                sc.length = pos + 1
+            else:  # the cache was replaced meanwhile
+                k, v = sc._append_own(heads.narrow(1, hq, hkv), heads.narrow(1, hq + hkv, hkv))
             out = sa_run(heads.narrow(1, 0, hq), k, v)  # (B, Hq, 1, Dh)
             y = y + F.linear(out.transpose(1, 2).reshape(b, 1, e), *sa_out)  # (B, 1, E)
             # cross-attention on the cached projection of the encoder output
