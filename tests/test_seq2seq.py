@@ -347,7 +347,7 @@ def _lean_and_module_logits(m: Transformer, src: torch.Tensor, steps: int):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("lengths", [[5, 5], [7, 3, 6]])  # no padding (mask None); padding
+@pytest.mark.parametrize("lengths", [[6], [5, 5], [7, 3, 6]])  # no padding (mask None); padding
 def test_lean_step_is_the_module_step_bitwise(dtype, lengths):
     m = tiny(13).to(dtype).eval()
     src = random_src(13, lengths)

@@ -160,8 +160,10 @@ class LeanStep:
         for (slots, ln1, packed, hq, hkv, dh, e, sa_out, sc, sa_run, ln2, cq, ch, cdh, ck, cv,
              ca_run, ca_out, ln3, fc1, fc2) in self.layers:
             # self-attention: one packed projection, one new key/value, every key visible
+            # One query: (B, 1, H, Dh) transposed is (B, H, 1, Dh) read in the same order,
+            # so views and reshapes stand in for the modules' transposes (same values).
             heads = F.linear(_layer_norm(y, *ln1), *packed).view(
-                b, 1, hq + 2 * hkv, dh).transpose(1, 2)  # (B, Hq + 2 Hkv, 1, Dh)
+                b, hq + 2 * hkv, 1, dh)  # (B, Hq + 2 Hkv, 1, Dh)
             storage, k_slot, v_slot, k, v = slots[pos]  # k, v: (B, Hkv, pos + 1, Dh)
             if sc._k is storage:  # what append does, with the views made beforehand
                 k_slot.copy_(heads.narrow(1, hq, hkv))
@@ -170,11 +172,11 @@ class LeanStep:
             else:  # the cache was replaced meanwhile
                 k, v = sc._append_own(heads.narrow(1, hq, hkv), heads.narrow(1, hq + hkv, hkv))
             out = sa_run(heads.narrow(1, 0, hq), k, v)  # (B, Hq, 1, Dh)
-            y = y + F.linear(out.transpose(1, 2).reshape(b, 1, e), *sa_out)  # (B, 1, E)
+            y = y + F.linear(out.reshape(b, 1, e), *sa_out)  # (B, 1, E)
             # cross-attention on the cached projection of the encoder output
-            q = F.linear(_layer_norm(y, *ln2), *cq).view(b, 1, ch, cdh).transpose(1, 2)
+            q = F.linear(_layer_norm(y, *ln2), *cq).view(b, ch, 1, cdh)  # (B, Hq, 1, Dh)
             out = ca_run(q, ck, cv)  # (B, Hq, 1, Dh)
-            y = y + F.linear(out.transpose(1, 2).reshape(b, 1, e), *ca_out)  # (B, 1, E)
+            y = y + F.linear(out.reshape(b, 1, e), *ca_out)  # (B, 1, E)
             h = F.gelu(F.linear(_layer_norm(y, *ln3), *fc1))  # (B, 1, ff)
             y = y + F.linear(h, *fc2)  # (B, 1, E)
         state.length = pos + 1
