@@ -76,19 +76,18 @@ class KVCache:
     def _reserve(self, capacity: int) -> None:
         """Grow the storage to ``capacity`` tokens now: appends up to it will not move it."""
         if self._k is not None and capacity > self._k.shape[2]:
-            self._k = _grow(self._k, capacity, self.length)
-            self._v = _grow(self._v, capacity, self.length)
+            for name in ("_k", "_v"):
+                old = getattr(self, name)  # (B, Hkv, capacity, D|Dv)
+                new = old.new_empty(*old.shape[:2], capacity, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                setattr(self, name, new)
 
     def _append_own(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`append` without its checks, for keys and values of the kind the cache
-        holds already (the layer that filled it, one step later)."""
+        """:meth:`append` without its checks, for k and v of the kind the cache holds."""
         need = self.length + k.shape[2]
         if need > self._k.shape[2]:
-            cap = max(need, 2 * self._k.shape[2])
-            self._k = _grow(self._k, cap, self.length)
-            self._v = _grow(self._v, cap, self.length)
-        # narrow: the same views as [:, :, a:b], for a fraction of the indexing cost
-        self._k.narrow(2, self.length, need - self.length).copy_(k)
+            self._reserve(max(need, 2 * self._k.shape[2]))
+        self._k.narrow(2, self.length, need - self.length).copy_(k)  # [:, :, a:b], cheaper
         self._v.narrow(2, self.length, need - self.length).copy_(v)
         self.length = need
         return self._k.narrow(2, 0, need), self._v.narrow(2, 0, need)  # (B, Hkv, L, D|Dv)
@@ -141,12 +140,6 @@ def _project(lin: nn.Module, x: Tensor) -> Tensor:
         if w is not None:
             return F.linear(x, w, p.get("bias"))
     return lin(x)
-
-
-def _grow(t: Tensor, capacity: int, used: int) -> Tensor:
-    new = t.new_empty(*t.shape[:2], capacity, t.shape[3])
-    new[:, :, :used] = t[:, :, :used]
-    return new
 
 
 class MultiHeadAttention(nn.Module):
