@@ -2,11 +2,12 @@
 machinery taken out.
 
 A decoding step on a small model is bound by the number of Python-level operations, not by
-their size. :class:`LeanStep` runs exactly the tensor operations that the modules run for
-one new token with warm KV caches (the same functions, arguments and order, so the logits
-are bitwise the same) but decides once, when decoding starts, everything the modules
-re-check on every call: hooks, training mode, which parameters to read, the packed q/k/v
-projection, the positional table in the right dtype, the cross-attention keys and values.
+their size. :class:`LeanStep` runs the arithmetic that the modules run for one new token
+with warm KV caches (the same kernels, arguments and order; with one query, views stand in
+for the modules' transposes) so the logits are bitwise the same (tests check it), but
+decides once, when decoding starts, everything the modules re-check on every call: hooks,
+training mode, which parameters to read, the packed q/k/v projection, the positional table
+in the right dtype, the cross-attention keys and values, the attention kernel's options.
 
 It applies only where it cannot differ from the modules: evaluation (or dropout 0), no
 gradients, no hooks on any submodule or registered globally, sinusoidal positions, the
