@@ -8,6 +8,7 @@ check the result is still validated and still right.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -15,11 +16,11 @@ import torch
 from torch import nn
 
 import qkv
-from qkv import kernels
+from qkv import functional, kernels
 from qkv.kernels.reference import ReferenceBackend
 from qkv.positional import RotaryEmbedding
 
-from helpers import oracle
+from helpers import assert_lowp_rule, lowp_baseline, oracle, rand_qkv
 
 
 def _rand(*shape, dtype=torch.float32, seed=0):
@@ -195,3 +196,81 @@ def test_packed_path_and_kv_cache_decode_like_the_full_causal_forward():
         cache = qkv.KVCache()
         steps = [mha(x[:, t : t + 1], causal=True, cache=cache) for t in range(6)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+# ---- the torch backend's precomputed runner ------------------------------------------------
+def _plan_of(q, k, v, **kw):
+    """The plan remembered for this plain call's signature (made by a first call)."""
+    functional._PLANS.clear()
+    qkv.attention(q, k, v, **kw)
+    (plan,) = functional._PLANS.values()
+    return plan
+
+
+# (lq, lk, causal, takes the precomputed runner): square causal passes is_causal to SDPA,
+# one causal query sees every key, any other causal band needs the backend's dense mask.
+_RUNNER_CASES = [(1, 20, False, True), (1, 20, True, True), (7, 7, True, True),
+                 (5, 9, False, True), (5, 9, True, False), (9, 5, True, False)]
+
+
+@pytest.mark.parametrize("lq,lk,causal,fast", _RUNNER_CASES)
+@pytest.mark.parametrize("hq,hkv", [(3, 3), (6, 3), (5, 1)])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_plan_runner_matches_the_oracle_and_the_full_path(lq, lk, causal, fast, hq, hkv,
+                                                          scale):
+    q, k, v = rand_qkv(2, hq, hkv, lq, lk, 11, 6, dtype=torch.float32, seed=lq + lk)
+    run, _ = _plan_of(q, k, v, causal=causal, scale=scale)
+    assert isinstance(run, functools.partial) is fast
+    for i in range(2):  # planned calls on new values
+        qi, ki, vi = q * (i + 2), k - i, v + i
+        out = qkv.attention(qi, ki, vi, causal=causal, scale=scale)
+        want = oracle(qi, ki, vi, causal=causal, scale=scale)[0]
+        torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+        full = qkv.attention(qi, ki, vi, causal=causal, scale=scale, backend="torch")
+        torch.testing.assert_close(out, full, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("lq,lk,causal", [(1, 20, True), (8, 8, True), (4, 13, False)])
+def test_plan_runner_keeps_the_precision_rule(dtype, lq, lk, causal):
+    q, k, v = rand_qkv(1, 4, 2, lq, lk, 16, dtype=dtype, seed=3)
+    run, _ = _plan_of(q, k, v, causal=causal)
+    assert isinstance(run, functools.partial)
+    out = qkv.attention(q, k, v, causal=causal)
+    assert out.dtype == dtype
+    want = oracle(q, k, v, causal=causal)[0]
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+    else:
+        assert_lowp_rule(out, want, lowp_baseline(q, k, v, causal=causal))
+
+
+def test_plan_runner_gradients_match_the_oracle_path():
+    q, k, v = rand_qkv(2, 4, 2, 6, 6, 5, dtype=torch.float64, seed=4, requires_grad=True)
+    _plan_of(q.detach(), k.detach(), v.detach(), causal=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: qkv.attention(a, b, c, causal=True),
+                                    (q, k, v))
+    out = qkv.attention(q, k, v, causal=True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = qkv.attention(q, k, v, causal=True, backend="reference")
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+def test_a_subclass_that_overrides_run_sees_every_planned_call():
+    q, k, v = _rand(1, 2, 3, 4), _rand(1, 2, 5, 4), _rand(1, 2, 5, 4)
+    calls = []
+
+    class Spy(type(kernels.get("torch"))):
+        def run(self, call):
+            calls.append(call)
+            return super().run(call)
+
+    old = kernels.get("torch")
+    try:
+        kernels.register(Spy())
+        for _ in range(3):
+            qkv.attention(q, k, v)
+        assert len(calls) == 3
+    finally:
+        kernels.register(old)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import math
 
 import pytest
@@ -13,7 +14,14 @@ import torch.nn.functional as F
 
 from qkv.attention_map import AttentionMap
 from qkv.decode import load_run
-from qkv.models.seq2seq import DecodeState, Transformer, TransformerConfig
+from qkv.models.decode_step import LeanStep
+from qkv.models.seq2seq import (
+    DecoderLayer,
+    DecodeState,
+    FeedForward,
+    Transformer,
+    TransformerConfig,
+)
 from qkv.positional import RotaryEmbedding, sinusoidal
 from qkv.tasks import get_task
 from qkv.train import TrainConfig, train
@@ -312,3 +320,81 @@ def test_beam_search_without_repeated_ngrams(trained, n):
                        m.beam_search(src, beam=3, max_len=12)[0])
     with pytest.raises(ValueError, match="no_repeat_ngram"):
         m.beam_search(src, beam=3, max_len=12, no_repeat_ngram=-1)
+
+
+# ---- the lean cached step ------------------------------------------------------------------
+def _lean_and_module_logits(m: Transformer, src: torch.Tensor, steps: int):
+    """Logits of ``steps`` cached steps fed the same tokens, computed by LeanStep and by the
+    modules (two caches), and whether a LeanStep could be built."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        mem, mask = m.encode(src)
+        states = [DecodeState(mem, mask, m.config.decoder_layers) for _ in range(2)]
+        ids = torch.full((src.shape[0], 1), m.config.bos_id, dtype=torch.long)
+        for s in states:  # the first step fills the caches through the modules
+            m._step_logits(ids, mem, mask, s)
+        lean = LeanStep.build(m, states[0], steps, stock=(Transformer, DecoderLayer,
+                                                          FeedForward))
+        if lean is None:
+            return None, None
+        got, want = [], []
+        for _ in range(steps):
+            ids = torch.randint(3, m.config.vocab_size, (src.shape[0], 1), generator=gen)
+            got.append(lean(ids))
+            want.append(m._step_logits(ids, mem, mask, states[1]))
+        assert states[0].length == states[1].length == steps + 1
+    return torch.stack(got, 1), torch.stack(want, 1)  # (B, steps, V)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lengths", [[6], [5, 5], [7, 3, 6]])  # no padding (mask None); padding
+def test_lean_step_is_the_module_step_bitwise(dtype, lengths):
+    m = tiny(13).to(dtype).eval()
+    src = random_src(13, lengths)
+    got, want = _lean_and_module_logits(m, src, 40)  # 40 steps: the caches grow past 16
+    assert got is not None
+    assert got.dtype == dtype and got.shape == (len(lengths), 40, 13)
+    assert torch.equal(got, want)
+
+
+def test_lean_step_is_refused_where_the_modules_would_differ():
+    src = random_src(13, [6, 4])
+    assert _lean_and_module_logits(tiny(13, dropout=0.1).train(), src, 2)[0] is None
+    assert _lean_and_module_logits(tiny(13, positions="rotary").eval(), src, 2)[0] is None
+    m = tiny(13).eval()
+    handle = m.decoder[1].ff.fc2.register_forward_hook(lambda *a: None)
+    assert _lean_and_module_logits(m, src, 2)[0] is None
+    handle.remove()
+    assert _lean_and_module_logits(m, src, 2)[0] is not None
+
+
+def test_greedy_with_a_hook_sees_every_step_and_same_tokens():
+    m = tiny(13).eval()
+    src = random_src(13, [6, 4])
+    plain = m.greedy(src, max_len=9, stop_at_eos=False)
+    seen = []
+    handle = m.decoder[0].cross_attn.register_forward_hook(lambda mod, a, out: seen.append(1))
+    try:
+        hooked = m.greedy(src, max_len=9, stop_at_eos=False)
+    finally:
+        handle.remove()
+    assert len(seen) == 9
+    assert torch.equal(plain, hooked)
+    assert torch.equal(plain, m.greedy(src, max_len=9, stop_at_eos=False, use_cache=False))
+
+
+def test_greedy_takes_the_lean_step_unless_attention_is_watched(monkeypatch, caplog):
+    m = tiny(13).eval()
+    src = random_src(13, [6, 4])
+    calls = []
+    step = LeanStep.__call__
+    monkeypatch.setattr(LeanStep, "__call__", lambda self, ids: calls.append(1) or step(self, ids))
+    plain = m.greedy(src, max_len=9, stop_at_eos=False)
+    assert len(calls) == 8  # every step after the first
+    calls.clear()
+    with caplog.at_level(logging.DEBUG, logger="qkv"):  # every attention call is logged
+        logged = m.greedy(src, max_len=9, stop_at_eos=False)
+    assert calls == []
+    decoder_calls = sum("auto chose" in r.getMessage() for r in caplog.records) - 2  # encoder
+    assert decoder_calls == 9 * 2 * 2  # steps x layers x (self, cross)
+    assert torch.equal(plain, logged)

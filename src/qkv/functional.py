@@ -87,12 +87,12 @@ def attention(
                v.device, causal, scale, _kernels.REFERENCE_MEMORY_BUDGET)
         plan = _PLANS.get(key)
         if plan is not None and not log.isEnabledFor(10):  # DEBUG: the slow path logs
-            run, m, sc, flat = plan
+            fast, flat = plan
             if flat is None:  # q is (B, Hq, Lq, D) already
-                return run(Call(q, k, v, m, sc))[0]
+                return fast(q, k, v)
             b, batch_shape = flat
-            out = run(Call(q.reshape(b, *q.shape[-3:]), k.reshape(b, *k.shape[-3:]),
-                           v.reshape(b, *v.shape[-3:]), m, sc))[0]  # (B, Hq, Lq, Dv)
+            out = fast(q.reshape(b, *q.shape[-3:]), k.reshape(b, *k.shape[-3:]),
+                       v.reshape(b, *v.shape[-3:]))  # (B, Hq, Lq, Dv)
             return out.reshape(*batch_shape, *out.shape[1:])  # (..., Hq, Lq, Dv)
     return _attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
                       dropout=dropout, return_weights=return_weights, backend=backend,
@@ -169,7 +169,10 @@ def explain(
 # and the memory budget that ``auto`` reads. Every check of prepare_call depends on nothing
 # else, and neither does the backend auto picks nor the canonical mask, so a call whose
 # signature was seen before is valid and goes where the first one went: its plan is
-# (backend.run, mask, scale, None or (B, batch_shape) when the batch dims must be folded).
+# (fast, None or (B, batch_shape) when the batch dims must be folded), where fast(q, k, v)
+# maps (B, ...) tensors to the output. A backend with ``plain_runner(call)`` gives a
+# function with every per-signature decision already made; otherwise fast builds the Call
+# and runs the backend.
 _PLANS = _kernels.PLANS  # register() empties it
 
 _parse_window = parse_window  # its old home; code that read it here keeps working
@@ -180,7 +183,27 @@ def _remember(key: tuple, be, call: Call, batch_shape: tuple[int, ...]) -> None:
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     flat = None if len(batch_shape) == 1 else (call.batch, batch_shape)
-    _PLANS[key] = (be.run, call.mask, call.scale, flat)
+    fast = _plain_runner(be, call)
+    if fast is None:
+        run, m, sc = be.run, call.mask, call.scale
+
+        def fast(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return run(Call(q, k, v, m, sc))[0]  # (B, Hq, Lq, Dv)
+    _PLANS[key] = (fast, flat)
+
+
+def _plain_runner(be, call: Call):
+    """``be.plain_runner(call)`` when it stands for ``be.run``: the class that defines it
+    defines ``run`` too and nothing replaced ``run`` on the instance (a subclass that only
+    overrides ``run`` must see every call); None otherwise."""
+    if "run" in vars(be):
+        return None
+    cls = type(be)
+    owners = [next((c for c in cls.__mro__ if name in vars(c)), None)
+              for name in ("plain_runner", "run")]
+    if owners[0] is None or owners[0] is not owners[1]:
+        return None
+    return be.plain_runner(call)
 
 
 # ---- choosing a backend -------------------------------------------------------------------

@@ -71,15 +71,26 @@ class KVCache:
             raise TypeError(f"KVCache holds {self._k.dtype} on {self._k.device}; cannot append "
                             f"{k.dtype} on {k.device} and {v.dtype} on {v.device} without "
                             "changing them. Fix: k.to(cache.k), or reset() to start over")
-        need = self.length + t
+        return self._append_own(k, v)
+
+    def _reserve(self, capacity: int) -> None:
+        """Grow the storage to ``capacity`` tokens now: appends up to it will not move it."""
+        if self._k is not None and capacity > self._k.shape[2]:
+            for name in ("_k", "_v"):
+                old = getattr(self, name)  # (B, Hkv, capacity, D|Dv)
+                new = old.new_empty(*old.shape[:2], capacity, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                setattr(self, name, new)
+
+    def _append_own(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`append` without its checks, for k and v of the kind the cache holds."""
+        need = self.length + k.shape[2]
         if need > self._k.shape[2]:
-            cap = max(need, 2 * self._k.shape[2])
-            self._k = _grow(self._k, cap, self.length)
-            self._v = _grow(self._v, cap, self.length)
-        self._k[:, :, self.length : need] = k
-        self._v[:, :, self.length : need] = v
+            self._reserve(max(need, 2 * self._k.shape[2]))
+        self._k.narrow(2, self.length, need - self.length).copy_(k)  # [:, :, a:b], cheaper
+        self._v.narrow(2, self.length, need - self.length).copy_(v)
         self.length = need
-        return self.k, self.v
+        return self._k.narrow(2, 0, need), self._v.narrow(2, 0, need)  # (B, Hkv, L, D|Dv)
 
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search keeps the surviving beams): ``index (B',)``."""
@@ -129,12 +140,6 @@ def _project(lin: nn.Module, x: Tensor) -> Tensor:
         if w is not None:
             return F.linear(x, w, p.get("bias"))
     return lin(x)
-
-
-def _grow(t: Tensor, capacity: int, used: int) -> Tensor:
-    new = t.new_empty(*t.shape[:2], capacity, t.shape[3])
-    new[:, :, :used] = t[:, :, :used]
-    return new
 
 
 class MultiHeadAttention(nn.Module):

@@ -14,6 +14,9 @@ NaN; such rows are set to NaN, as every other backend gives.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -91,3 +94,28 @@ class TorchSDPABackend(Backend):
         if row_visible is not None and not bool(row_visible.all()):
             out = torch.where(row_visible, out, torch.zeros_like(out))
         return out, None
+
+    def plain_runner(self, call: Call):
+        """A function ``f(q, k, v) -> out (B, Hq, Lq, Dv)`` that computes every call with ``call``'s
+        signature (shapes, dtypes, mask, scale) exactly as :meth:`run` would, decided once:
+        or None when the call needs :meth:`run`'s general handling (a tensor mask, a band
+        that hides keys from some query but is not square causal, dropout, no keys)."""
+        m = call.mask
+        if call.dropout != 0.0 or call.lq == 0 or call.lk == 0 or m.has_tensor:
+            return None
+        if m.is_empty or (m.causal and m.lq == 1 and m.left is None and m.right == 0):
+            is_causal = False  # nothing hidden (one query sees every key bottom-right)
+        elif m.causal and m.lq == m.lk and m.left is None and m.right == 0:
+            is_causal = True
+        else:
+            return None
+        if call.groups > 1 and not _HAS_GQA:
+            return None
+        # Only the options that differ from SDPA's defaults: each keyword costs parsing.
+        # SDPA's default scale is 1 / sqrt(D) in double precision, the same number.
+        kw = {"is_causal": True} if is_causal else {}
+        if call.scale != 1.0 / math.sqrt(call.q.shape[-1]):
+            kw["scale"] = call.scale
+        if call.groups > 1:
+            kw["enable_gqa"] = True
+        return functools.partial(F.scaled_dot_product_attention, **kw)

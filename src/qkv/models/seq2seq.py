@@ -34,6 +34,7 @@ from ..attention_map import AttentionMap
 from ..layers import KVCache, MultiHeadAttention
 from ..masks import padding_mask
 from ..positional import RotaryEmbedding, sinusoidal
+from .decode_step import LeanStep
 
 __all__ = ["Transformer", "TransformerConfig"]
 
@@ -323,8 +324,15 @@ class Transformer(nn.Module):
         b = src.shape[0]
         tokens = torch.full((b, 1), cfg.bos_id, dtype=torch.long, device=src.device)  # (B, 1)
         done = torch.zeros(b, dtype=torch.bool, device=src.device)  # (B,)
-        for _ in range(max_len):
-            logits = self._step_logits(tokens, memory, mask, state)  # (B, V)
+        lean = None  # after the first step has filled the caches: LeanStep, when it applies
+        for i in range(max_len):
+            if lean is not None and not lean.bypassed():
+                logits = lean(tokens[:, -1:])  # (B, V)
+            else:
+                logits = self._step_logits(tokens, memory, mask, state)  # (B, V)
+                if i == 0 and state is not None:
+                    lean = LeanStep.build(self, state, max_len,
+                                          stock=(Transformer, DecoderLayer, FeedForward))
             nxt = logits.argmax(dim=-1)  # (B,)
             if stop_at_eos:
                 nxt = torch.where(done, torch.full_like(nxt, cfg.pad_id), nxt)
