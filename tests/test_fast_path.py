@@ -274,3 +274,15 @@ def test_a_subclass_that_overrides_run_sees_every_planned_call():
         assert len(calls) == 3
     finally:
         kernels.register(old)
+
+
+@pytest.mark.parametrize("causal,lq", [(False, 1), (False, 5), (True, 1), (True, 5)])
+def test_planned_calls_propagate_nan_like_the_first_call(causal, lq):
+    # NaN in a query propagates to its output row (docs/semantics.md); the planned call
+    # must do what the first, fully checked call did, and leave the other rows finite.
+    q, k, v = torch.randn(1, 2, lq, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    q[0, 0, 0, 3] = float("nan")
+    for _ in range(3):  # the first call makes the plan, the others use it
+        out = qkv.attention(q, k, v, causal=causal)  # (1, 2, lq, 8)
+        assert out[0, 0, 0].isnan().all()
+        assert torch.isfinite(out[0, 1]).all() and torch.isfinite(out[0, 0, 1:]).all()

@@ -85,12 +85,8 @@ class TorchSDPABackend(Backend):
             k0 = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, 0, D)
             v0 = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # (B, Hq, 0, Dv)
             return (q @ k0.transpose(-1, -2)) @ v0, None  # sums over no key: 0, in the graph
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=call.dropout,
-            is_causal=is_causal, scale=call.scale, **kwargs,
-        )  # (B, Hq, Lq, Dv)
-        if bool(torch.isnan(q).any()):  # SDPA's CPU kernel gives 0 there: propagate instead
-            out = torch.where(torch.isnan(q).any(dim=-1, keepdim=True), float("nan"), out)
+        out = _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=call.dropout,
+                    is_causal=is_causal, scale=call.scale, **kwargs)  # (B, Hq, Lq, Dv)
         if row_visible is not None and not bool(row_visible.all()):
             out = torch.where(row_visible, out, torch.zeros_like(out))
         return out, None
@@ -118,4 +114,13 @@ class TorchSDPABackend(Backend):
             kw["scale"] = call.scale
         if call.groups > 1:
             kw["enable_gqa"] = True
-        return functools.partial(F.scaled_dot_product_attention, **kw)
+        return functools.partial(_sdpa, **kw)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **options) -> Tensor:
+    """PyTorch's SDPA, with NaN in a query propagated to its output row as qkv promises
+    (SDPA's CPU kernel gives 0 there). ``out (B, Hq, Lq, Dv)``."""
+    out = F.scaled_dot_product_attention(q, k, v, **options)
+    if q.numel() and math.isnan(q.detach().max()):  # max propagates NaN: one reduction
+        out = torch.where(q.isnan().any(dim=-1, keepdim=True), float("nan"), out)
+    return out
