@@ -252,8 +252,12 @@ def _launch(out: Path, *extra: str) -> subprocess.Popen:
            "PYTHONPATH": str(REPO / "src")}
     args = [sys.executable, "-m", "qkv", "train", "reverse", "--out", str(out), *TINY_FLAGS,
             *extra]
+    # As from a terminal: SIGINT at its default. A shell starts background jobs (and a CI
+    # runner may start its steps) with SIGINT ignored, and a process that starts that way
+    # rightly keeps ignoring it.
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _children(pid: int) -> list[int]:
