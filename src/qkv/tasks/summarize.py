@@ -145,11 +145,13 @@ class SummarizeTask(Task):
     splits: ClassVar[tuple[str, ...]] = SPLITS
     default_options: ClassVar[dict] = {"vocab_size": 8000, "max_source_tokens": 64,
                                        "max_target_tokens": 40}
-    #: Sized for a 2-core CPU: a 2+2-layer, 128-wide model sees ~16 functions a second.
+    #: Sized for a 2-core CPU: a 2+2-layer, 128-wide model; label smoothing 0.1 (no CLI
+    #: flag) as in the original Transformer recipe.
     train_defaults: ClassVar[dict] = {
-        "steps": 3000, "batch_size": 32, "lr": 2e-3, "warmup": 100, "d_model": 128,
+        "steps": 3000, "batch_size": 32, "lr": 2e-3, "warmup": 200, "d_model": 128,
         "num_heads": 4, "encoder_layers": 2, "decoder_layers": 2, "ff_dim": 512,
-        "dropout": 0.0, "eval_every": 500, "eval_size": 200, "checkpoint_every": 100,
+        "dropout": 0.0, "label_smoothing": 0.1, "eval_every": 500, "eval_size": 200,
+        "checkpoint_every": 100,
     }
 
     def __init__(self, *, vocab_size: int = 8000, max_source_tokens: int = 64,
