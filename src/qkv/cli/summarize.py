@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from .app import app
+from .map_files import check_map_file, save_map_file
 from .threads import threads_option, uses_threads
 
 
@@ -75,8 +76,7 @@ def summarize_command(
         raise ValueError(f"--beam must be >= 1; got {beam}")
     if not 0 <= length_penalty <= 10:
         raise ValueError(f"--length-penalty must be in [0, 10]; got {length_penalty}")
-    if output is not None and output.suffix.lower() not in (".png", ".svg", ".html", ".htm"):
-        raise ValueError(f"cannot write {output.name!r}: expected a .png, .svg or .html file")
+    check_map_file(output)
     code, in_target, _ = _read_code(target)
     if function is not None and in_target is not None and function != in_target:
         raise ValueError(f"two functions asked for: {in_target!r} in {target!r} and "
@@ -112,12 +112,4 @@ def summarize_command(
                                "rows = summary words, columns = code words", style="bold"))
                 con.print(terminal.heatmap(amap, layer, h))
     if output is not None:
-        if output.suffix.lower() in (".html", ".htm"):
-            from ..viz import html
-
-            html.save(first, output, layer=layer, head=heads[0])
-        else:
-            from ..viz import png
-
-            png.save(first, output, layer=layer, head=head)
-        typer.echo(f"wrote {output}", err=True)
+        save_map_file(first, output, layer=layer, head=head)

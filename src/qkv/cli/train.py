@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from .app import app
+from .map_files import check_map_file, save_map_file
 from .threads import threads_option, uses_threads
 
 # Defaults of the model/optimiser options; None in the signatures means "not given", so
@@ -200,8 +201,7 @@ def translate_command(
 
     if isinstance(beam, bool) or beam < 1:
         raise ValueError(f"--beam must be >= 1; got {beam}")
-    if output is not None and output.suffix.lower() not in (".png", ".svg", ".html", ".htm"):
-        raise ValueError(f"cannot write {output.name!r}: expected a .png, .svg or .html file")
+    check_map_file(output)
     if not text:
         raise ValueError("the input text is empty; give the text to translate, e.g. "
                          f"qkv translate {run_dir} '28 novembre 2026'")
@@ -229,12 +229,4 @@ def translate_command(
                            "columns = input", style="bold"))
             con.print(terminal.heatmap(amap, layer, h))
     if output is not None:
-        if output.suffix.lower() in (".html", ".htm"):
-            from ..viz import html
-
-            html.save(amap, output, layer=layer, head=heads[0])
-        else:
-            from ..viz import png
-
-            png.save(amap, output, layer=layer, head=head)
-        typer.echo(f"wrote {output}", err=True)
+        save_map_file(amap, output, layer=layer, head=head)
