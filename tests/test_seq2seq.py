@@ -398,3 +398,52 @@ def test_greedy_takes_the_lean_step_unless_attention_is_watched(monkeypatch, cap
     decoder_calls = sum("auto chose" in r.getMessage() for r in caplog.records) - 2  # encoder
     assert decoder_calls == 9 * 2 * 2  # steps x layers x (self, cross)
     assert torch.equal(plain, logged)
+
+
+def test_beam_search_takes_the_lean_step_and_finds_what_the_modules_find(trained, monkeypatch,
+                                                                           caplog):
+    """Beam search reorders its caches in place, so the lean step's views stay valid; the
+    beams, their scores and the caches' contents equal the module path's (bypassed by the
+    DEBUG log, which must see every attention call)."""
+    m = trained
+    src = random_src(13, [5, 8, 2, 6], seed=7)
+    calls = []
+    step = LeanStep.__call__
+    monkeypatch.setattr(LeanStep, "__call__", lambda self, ids: calls.append(1) or step(self, ids))
+    best, score = m.beam_search(src, beam=3, max_len=12, no_repeat_ngram=2)
+    if m.config.positions == "sinusoidal":  # every step after the first, until all finish
+        assert len(calls) >= 3
+    else:  # the lean step spells out sinusoidal positions only
+        assert calls == []
+    calls.clear()
+    with caplog.at_level(logging.DEBUG, logger="qkv"):
+        best_m, score_m = m.beam_search(src, beam=3, max_len=12, no_repeat_ngram=2)
+    assert calls == []
+    assert torch.equal(best, best_m)
+    assert torch.equal(score, score_m)
+    unc, unc_score = m.beam_search(src, beam=3, max_len=12, no_repeat_ngram=2, use_cache=False)
+    assert torch.equal(best, unc)
+    torch.testing.assert_close(score, unc_score, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_state_reorder_keeps_storage_and_matches_kv_cache_reorder():
+    m = tiny(13).eval()
+    src = random_src(13, [6, 4, 5])
+    with torch.no_grad():
+        mem, mask = m.encode(src)
+        a, b = (DecodeState(mem, mask, m.config.decoder_layers) for _ in range(2))
+        ids = torch.tensor([[1], [1], [1]])
+        for _ in range(3):
+            for s in (a, b):
+                m._step_logits(ids, mem, mask, s)
+            ids = ids + 3
+    storage = [c._k for c in a.self_caches]
+    rows = torch.tensor([2, 0, 0])
+    a.reorder(rows)
+    for c in b.self_caches:
+        c.reorder(rows)  # the public, copying reorder
+    assert all(c._k is s for c, s in zip(a.self_caches, storage, strict=True))
+    for ca, cb in zip(a.self_caches, b.self_caches, strict=True):
+        assert torch.equal(ca.k, cb.k) and torch.equal(ca.v, cb.v)
+    a.reorder(torch.tensor([1, 2]))  # a new batch size: the copying path
+    assert a.self_caches[0].k.shape[0] == 2

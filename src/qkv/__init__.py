@@ -31,7 +31,7 @@ _LAZY = {
     "capture": "attention_capture",
     "attention": "functional",
     "explain": "functional",
-    "KVCache": "layers",
+    "KVCache": "kv_cache",
     "MultiHeadAttention": "layers",
     "causal_mask": "masks",
     "padding_mask": "masks",

@@ -186,8 +186,12 @@ class DecodeState:
         Cross-attention caches are left alone: beam search only reorders beams within the
         same source sentence, whose cross-attention keys and values are identical.
         """
+        same = all(c._k is None or c._k.shape[0] == index.numel() for c in self.self_caches)
         for c in self.self_caches:
-            c.reorder(index)
+            if same and index.dtype == torch.long and index.device == self.memory.device:
+                c._reorder_in_place(index)  # keeps the storage (and the lean step's views)
+            else:
+                c.reorder(index)  # checks index; a new batch size
 
 
 def _ban_repeats(logp: Tensor, prefix: Tensor, n: int) -> None:
@@ -388,8 +392,15 @@ class Transformer(nn.Module):
         frozen = torch.full((cfg.vocab_size,), float("-inf"), device=dev)  # (V,)
         frozen[cfg.pad_id] = 0.0
         v = cfg.vocab_size
-        for _ in range(max_len):
-            logits = self._step_logits(tokens, memory, mask, state)  # (BK, V)
+        lean = None  # after the first step has filled the caches: LeanStep, when it applies
+        for i in range(max_len):
+            if lean is not None and not lean.bypassed():
+                logits = lean(tokens[:, -1:])  # (BK, V)
+            else:
+                logits = self._step_logits(tokens, memory, mask, state)  # (BK, V)
+                if i == 0 and state is not None:
+                    lean = LeanStep.build(self, state, max_len,
+                                          stock=(Transformer, DecoderLayer, FeedForward))
             logp = torch.log_softmax(logits.float(), dim=-1)  # (BK, V)
             if no_repeat_ngram:
                 _ban_repeats(logp, tokens[:, 1:], no_repeat_ngram)
