@@ -187,6 +187,34 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert json.loads((tmp_path / "c" / ckpt.POINTER).read_text())["step"] == 3
 
 
+def _ctrl_c_during_the_agreement_rank(rank, world, run_dir):
+    """Every rank gets Ctrl-C inside step 3's all-reduce, after it has read its own flag."""
+    import signal
+
+    real_sum = ddp.DataParallel.sum
+    calls = []
+
+    def late_sum(self, *values):
+        total = real_sum(self, *values)
+        calls.append(values)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # its handler runs before this returns
+        return total
+
+    ddp.DataParallel.sum = late_sum
+    result = train(TrainConfig(**{**CFG, "steps": 50, "checkpoint_every": 50}),
+                   Path(run_dir), progress=False)
+    return result.step, result.interrupted
+
+
+def test_ctrl_c_during_the_ranks_agreement_is_not_lost(tmp_path):
+    """Before: the sum of step 3 (no rank asked) overwrote the flag the handler had just
+    set, on every rank, and the run trained on to step 50."""
+    reports = run_ranks(_ctrl_c_during_the_agreement_rank, 2, str(tmp_path / "c"), timeout=60)
+    assert reports == {0: (4, True), 1: (4, True)}
+    assert json.loads((tmp_path / "c" / ckpt.POINTER).read_text())["step"] == 4
+
+
 def test_resume_note():
     state = {"data": {"world_size": 2}, "config": {"batch_size": 64, "dropout": 0.1}}
     note = resume_note(state, 4)

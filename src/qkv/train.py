@@ -428,10 +428,14 @@ def _train(cfg: TrainConfig | None, out: Path, *, resume: bool, progress: bool, 
                 right = ((logits.argmax(-1) == tgt_out) & real).sum().item()
                 count = real.sum().item()
                 tokens, loss_value = int(real.sum()) + int((src != PAD).sum()), loss.item()
+                agreed_stop = False
                 if par is not None:  # the global batch's numbers; every rank stops together
                     loss_value, right, count, tokens, asked = par.sum(
-                        loss_value / par.world, right, count, tokens, stop.requested)
-                    stop.requested = asked > 0
+                        loss_value / par.world, right, count, tokens,
+                        stop.requested or par.stop_requested())
+                    # Decide from the sum alone (the same on every rank) and never clear the
+                    # flag: a Ctrl-C handled during the sum must count in the next one.
+                    agreed_stop = asked > 0
                 if not math.isfinite(loss_value):  # every rank sees the same global loss
                     kept = (f"its last checkpoint (step {saved_at}) is kept" if saved_at
                             is not None else "no checkpoint was written")
@@ -459,7 +463,7 @@ def _train(cfg: TrainConfig | None, out: Path, *, resume: bool, progress: bool, 
                 if bar is not None:
                     now = time.perf_counter()
                     bar.update(done, rec, tokens_seen / max(now - t_tok, 1e-9), valid_exact)
-                interrupted = stop.requested
+                interrupted = stop.requested if par is None else agreed_stop
                 if interrupted or done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     if par is None or par.is_main:
                         save(done)

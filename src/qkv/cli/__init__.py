@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
+from .interrupt import exit_interrupted
+
 __all__ = ["UsageError", "app", "fail", "main"]
 
 
@@ -84,5 +86,4 @@ def main(argv: list[str] | None = None) -> None:
         abort = getattr(sys.modules.get("typer"), "Abort", KeyboardInterrupt)
         if debug or not isinstance(e, (KeyboardInterrupt, abort)):
             raise
-        print("qkv: interrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted()  # one line, exit code 130 (and SIGINT ignored from here on)

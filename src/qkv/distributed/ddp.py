@@ -33,8 +33,12 @@ ChildProcessError that names it; a rank stuck in a collective makes the others f
 the process group's timeout (``timeout``, default 10 minutes) instead of hanging forever.
 The launched processes die with their launcher (SIGKILL or SIGTERM of the launcher stops
 them within a second: Linux's parent-death signal, and a watch on the parent's pid
-elsewhere). They run in their own process group, so Ctrl-C reaches the launcher alone,
-which passes it on once: every rank stops at the same step, as with Ctrl-C in one process.
+elsewhere). They run in their own process group, so Ctrl-C reaches the launcher alone. The
+launcher records it in memory it shares with them; every process reads it at every step and
+the ranks combine it in the all-reduce the step does anyway, so every rank stops at the same
+step, as with Ctrl-C in one process. Nothing is sent to the processes, so nothing can be
+lost, whether they are starting, in a collective or writing. A second Ctrl-C stops them at
+once.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from multiprocessing import resource_tracker
 
 import torch
 import torch.distributed as dist
@@ -70,6 +75,9 @@ __all__ = [
 
 #: Seconds a collective may wait for the other ranks before failing (process group timeout).
 DEFAULT_TIMEOUT = 600.0
+
+# In a process that launch() started: the launcher's record of Ctrl-C (shared memory).
+_launcher_stop = None
 
 
 def backend_for(device: torch.device) -> str:
@@ -116,6 +124,11 @@ class DataParallel:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def stop_requested(self) -> bool:
+        """Whether the launcher that started this process got Ctrl-C (always False under
+        torchrun, which passes SIGINT to its processes themselves)."""
+        return _launcher_stop is not None and bool(_launcher_stop.value)
 
     # ---- model and data ---------------------------------------------------------------------
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -211,13 +224,30 @@ def _die_with(parent: int, *, poll: float = 0.5) -> None:
     threading.Thread(target=watch, name="qkv-parent-watch", daemon=True).start()
 
 
+def _leave_terminal_group() -> None:
+    """Move this process into its own process group, so that Ctrl-C at the terminal
+    reaches the launcher alone, then take SIGINT back (launch() holds it while starting us)."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    # A Ctrl-C of the whole group that came while we were still in it is pending here; the
+    # launcher got it too and records it. Ignoring a signal discards it while pending.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if handler is not signal.SIG_IGN:  # a process started with SIGINT ignored keeps it so
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _worker(fn, rank: int, world: int, port: int, backend: str, timeout: float,
-            threads: int | None, out, args, parent: int | None = None) -> None:
+            threads: int | None, out, args, parent: int | None = None, stop=None) -> None:
     """One launched process: join the group, run ``fn(*args)``, report, leave."""
+    global _launcher_stop
+    _launcher_stop = stop
     if parent is not None:
         _die_with(parent)
-        with contextlib.suppress(OSError):
-            os.setpgid(0, 0)  # Ctrl-C at the terminal reaches the launcher, which passes it on
+        _leave_terminal_group()
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     if backend == "gloo":
@@ -270,31 +300,45 @@ def launch(fn: Callable, nproc: int, *args, device: str | torch.device = "cpu",
                           timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
     ctx = mp.get_context(start_method)
     out = ctx.Queue()
+    # Ctrl-C (or a SIGINT sent to this process alone) is recorded here, in memory the
+    # processes share: each reads it at every step and the ranks agree on it (see the
+    # module docstring). Nothing is sent to them, so nothing can be lost.
+    stop = ctx.Value("b", 0, lock=False)
     procs = [ctx.Process(target=_worker, args=(fn, r, nproc, store.port, backend_for(dev),
-                                               timeout, threads, out, args, os.getpid()))
+                                               timeout, threads, out, args, os.getpid(), stop))
              for r in range(nproc)]
-    previous = None
-    try:
-        for p in procs:
-            p.start()
-        # The children run in their own process group: Ctrl-C (or a SIGINT sent to this
-        # process alone) is passed on to each of them once; they agree on a step, save and
-        # return while the launcher keeps waiting. (Installed after the start: an ignored
-        # SIGINT would stay ignored in them.)
-        def forward(signum, frame) -> None:
-            for p in procs:
-                if p.pid is not None and p.is_alive():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(p.pid, signal.SIGINT)
 
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, forward)
+    def interrupt(signum, frame) -> None:
+        if stop.value:  # a second Ctrl-C: stop at once (the finally below ends them)
+            raise KeyboardInterrupt
+        stop.value = 1
+
+    previous = None
+    hold = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+    try:
+        if hold:
+            previous = signal.signal(signal.SIGINT, interrupt)
+            # SIGINT is held while the processes start: each inherits the held signal and
+            # takes it back once it has left the terminal's process group, so a Ctrl-C at
+            # that moment cannot hit a process that is still importing; ours waits here.
+            if hasattr(signal, "pthread_sigmask"):
+                if start_method != "fork":  # starting the resource tracker unblocks SIGINT
+                    resource_tracker.ensure_running()
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            if hold and hasattr(signal, "pthread_sigmask"):
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         return _collect(procs, out, nproc)
     finally:
         for p in procs:
             if p.is_alive():
                 p.terminate()  # only the processes this call started
-            p.join()
+            if p.pid is not None:
+                p.join()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
         del store
