@@ -8,7 +8,6 @@ check the result is still validated and still right.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import pytest
@@ -207,6 +206,12 @@ def _plan_of(q, k, v, **kw):
     return plan
 
 
+def _is_runner(run) -> bool:
+    """The plan is the torch backend's precomputed runner (SDPA itself, SDPA with options
+    fixed, or either with the NaN fix-up), not the generic one that builds a Call."""
+    return getattr(run, "__qualname__", "") != "_remember.<locals>.fast"
+
+
 # (lq, lk, causal, takes the precomputed runner): square causal passes is_causal to SDPA,
 # one causal query sees every key, any other causal band needs the backend's dense mask.
 _RUNNER_CASES = [(1, 20, False, True), (1, 20, True, True), (7, 7, True, True),
@@ -220,7 +225,7 @@ def test_plan_runner_matches_the_oracle_and_the_full_path(lq, lk, causal, fast, 
                                                           scale):
     q, k, v = rand_qkv(2, hq, hkv, lq, lk, 11, 6, dtype=torch.float32, seed=lq + lk)
     run, _ = _plan_of(q, k, v, causal=causal, scale=scale)
-    assert isinstance(run, functools.partial) is fast
+    assert _is_runner(run) is fast
     for i in range(2):  # planned calls on new values
         qi, ki, vi = q * (i + 2), k - i, v + i
         out = qkv.attention(qi, ki, vi, causal=causal, scale=scale)
@@ -235,7 +240,7 @@ def test_plan_runner_matches_the_oracle_and_the_full_path(lq, lk, causal, fast, 
 def test_plan_runner_keeps_the_precision_rule(dtype, lq, lk, causal):
     q, k, v = rand_qkv(1, 4, 2, lq, lk, 16, dtype=dtype, seed=3)
     run, _ = _plan_of(q, k, v, causal=causal)
-    assert isinstance(run, functools.partial)
+    assert _is_runner(run)
     out = qkv.attention(q, k, v, causal=causal)
     assert out.dtype == dtype
     want = oracle(q, k, v, causal=causal)[0]

@@ -69,31 +69,29 @@ def attention(
     A query that can see no key gets output 0 and weight 0 (never NaN). Scores, softmax and
     accumulation run in float32 (float64 for float64 inputs).
     """
-    if _observers:  # qkv.capture is recording: it runs the call as is and keeps the weights
-        return _observers[-1](_attention, q, k, v, mask=mask, causal=causal, window=window,
-                              scale=scale, dropout=dropout, return_weights=return_weights,
-                              backend=backend, generator=generator)
     # The common call (no mask, window, dropout, weights or generator; backend "auto";
-    # plain tensors; DEBUG logging off) reuses what an earlier call of the same signature
-    # validated and chose (see _PLANS below).
-    plain = (mask is None and window is None and generator is None and return_weights is False
-             and backend == "auto" and (causal is False or causal is True)
-             and (scale is None or type(scale) is float) and type(dropout) is float
-             and dropout == 0.0 and type(q) is Tensor and type(k) is Tensor
-             and type(v) is Tensor)
+    # plain tensors; no capture; DEBUG logging off) reuses what an earlier call of the same
+    # signature validated and chose (see _PLANS below).
     key = None
-    if plain:
+    if (mask is None and window is None and generator is None and return_weights is False
+            and backend == "auto" and type(dropout) is float and dropout == 0.0
+            and (causal is False or causal is True) and (scale is None or type(scale) is float)
+            and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor):
         key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
                v.device, causal, scale, _kernels.REFERENCE_MEMORY_BUDGET)
         plan = _PLANS.get(key)
-        if plan is not None and not log.isEnabledFor(10):  # DEBUG: the slow path logs
-            fast, flat = plan
+        if plan is not None and not _observers and not log.isEnabledFor(10):
+            fast, flat = plan  # DEBUG: the slow path logs; capture: it records
             if flat is None:  # q is (B, Hq, Lq, D) already
                 return fast(q, k, v)
             b, batch_shape = flat
             out = fast(q.reshape(b, *q.shape[-3:]), k.reshape(b, *k.shape[-3:]),
                        v.reshape(b, *v.shape[-3:]))  # (B, Hq, Lq, Dv)
             return out.reshape(*batch_shape, *out.shape[1:])  # (..., Hq, Lq, Dv)
+    if _observers:  # qkv.capture is recording: it runs the call as is and keeps the weights
+        return _observers[-1](_attention, q, k, v, mask=mask, causal=causal, window=window,
+                              scale=scale, dropout=dropout, return_weights=return_weights,
+                              backend=backend, generator=generator)
     return _attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
                       dropout=dropout, return_weights=return_weights, backend=backend,
                       generator=generator, plan_key=key)
