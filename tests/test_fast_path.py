@@ -39,10 +39,25 @@ def test_repeated_plain_calls_match_the_oracle(lead, causal):
         torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
 
 
-def test_a_cached_signature_does_not_let_bad_inputs_through():
+@pytest.mark.parametrize("causal", [False, True])  # True: a plan that is not SDPA's runner
+def test_a_cached_signature_does_not_let_bad_inputs_through(causal):
     q, k, v = _rand(1, 2, 3, 4), _rand(1, 2, 5, 4), _rand(1, 2, 5, 4)
-    qkv.attention(q, k, v)
-    qkv.attention(q, k, v)
+    functional._PLANS.clear()
+    qkv.attention(q, k, v, causal=causal)
+    qkv.attention(q, k, v, causal=causal)
+    (plan,) = functional._PLANS.values()
+    assert _is_runner(plan[0]) is not causal
+    # k's and v's dtypes and devices are not in the signature: the plan refuses them
+    for bad in [(q, k.double(), v), (q, k, v.double()), (q, k, v.bfloat16()),
+                (q, k.half(), v.half())]:
+        with pytest.raises(TypeError, match="share one dtype"):
+            qkv.attention(*bad, causal=causal)
+    with pytest.raises(TypeError, match="floating-point"):
+        qkv.attention(q, k.long(), v, causal=causal)
+    for bad in [(q, k.to("meta"), v), (q, k, v.to("meta"))]:
+        with pytest.raises(ValueError, match="one device"):
+            qkv.attention(*bad, causal=causal)
+    assert len(functional._PLANS) == 1
     with pytest.raises(TypeError, match="share one dtype"):
         qkv.attention(q, k.double(), v)
     with pytest.raises(ValueError, match="head dim"):
@@ -209,7 +224,7 @@ def _plan_of(q, k, v, **kw):
 def _is_runner(run) -> bool:
     """The plan is the torch backend's precomputed runner (SDPA itself, SDPA with options
     fixed, or either with the NaN fix-up), not the generic one that builds a Call."""
-    return getattr(run, "__qualname__", "") != "_remember.<locals>.fast"
+    return not getattr(run, "__qualname__", "").startswith("_remember.")
 
 
 # (lq, lk, causal, takes the precomputed runner): square causal passes is_causal to SDPA,
