@@ -425,3 +425,16 @@ def test_decode_runner_propagates_nan_for_every_key_count(dtype):
             assert torch.equal(run(q, k, v).isnan(), want), (lk, where)
         want = qkv.attention(*clean, backend="torch")
         torch.testing.assert_close(run(*clean), want, atol=0, rtol=0)
+
+
+def test_a_plan_made_under_one_sdpa_kernel_keeps_nan_under_another():
+    # The plan is made once, in whatever kernel choice the first call ran under; the math
+    # kernel propagates NaN where the flash kernel (the default on CPU) drops it.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = _poison(*rand_qkv(1, 4, 4, 1, 3, 16, dtype=torch.float32, seed=9), "q")
+    want = oracle(q, k, v)[0].isnan()
+    functional._PLANS.clear()
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert torch.equal(qkv.attention(q, k, v).isnan(), want)  # plans
+    assert torch.equal(qkv.attention(q, k, v).isnan(), want)  # the planned call, on flash

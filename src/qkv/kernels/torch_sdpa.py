@@ -23,7 +23,9 @@ needed at all.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,14 @@ from .base import Backend, Call
 
 # enable_gqa arrived in torch 2.5; the builtin has no inspectable signature, so read the doc.
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+try:  # torch >= 2.3: run SDPA with one chosen kernel (the NaN probe asks each CPU kernel)
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel as _sdpa_kernel
+
+    _CPU_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+except ImportError:  # no way to ask each kernel: every call keeps the NaN fix-up
+    _sdpa_kernel, _CPU_KERNELS = None, ()
 
 
 class TorchSDPABackend(Backend):
@@ -129,8 +139,8 @@ class TorchSDPABackend(Backend):
             F.scaled_dot_product_attention
         causal = bool(kind)
         if any_keys:
-            return _runner_any_keys(sdpa, call, causal=causal)
-        if not _drops_nan(sdpa, call, lq=call.lq, lk=call.lk):
+            return _runner_any_keys(sdpa, kw, call, causal=causal)
+        if not _drops_nan(kw, call, lq=call.lq, lk=call.lk):
             return sdpa  # SDPA itself: it propagates NaN for this signature
 
         def checked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -151,32 +161,50 @@ def _plain_kind(m) -> bool | None:
     return None
 
 
-def _drops_nan(sdpa, call: Call, *, lq: int, lk: int) -> bool:
-    """Whether ``sdpa`` gives a non-NaN output row, for inputs of ``call``'s dtype, device,
-    head dims and head groups with ``lq`` queries and ``lk`` keys, where a row's scores are
-    all NaN (from a NaN in the query, or in every key). Whether SDPA drops such a NaN
-    depends on the kernel it picks, the key length, the dtype, the CPU's vector width and
-    the PyTorch version, so it is asked, not assumed: once without and once with autograd
-    (the kernels may differ). Rows whose scores are only partly NaN propagate in every
-    kernel (tests check it)."""
+def _drops_nan(kw: dict, call: Call, *, lq: int, lk: int) -> bool:
+    """Whether SDPA with options ``kw`` gives a non-NaN output row, for inputs of ``call``'s
+    dtype, device, head dims and head groups with ``lq`` queries and ``lk`` keys, where a
+    row's scores are all NaN (from a NaN in the query, or in every key). Whether SDPA drops
+    such a NaN depends on the kernel it picks, the key length, the dtype, the CPU's vector
+    width and the PyTorch version, so it is asked, not assumed: once without and once with
+    autograd (the kernels may differ). Rows whose scores are only partly NaN propagate in
+    every kernel (tests check it)."""
     q = call.q
     if not q.is_cpu:
         return True  # keep the check: the CUDA kernels are not probed here
-    groups, d, dv = call.groups, q.shape[-1], call.v.shape[-1]
-    with torch.inference_mode(False):
-        for grad in (False, True):
-            with torch.set_grad_enabled(grad):
-                opts = {"dtype": q.dtype, "device": q.device, "requires_grad": grad}
-                # batch 0: NaN queries; batch 1: NaN keys. One query head per kv head.
-                qp = torch.zeros(2, groups, lq, d, **opts)
-                kp = torch.zeros(2, 1, lk, d, **opts)
-                vp = torch.ones(2, 1, lk, dv, **opts)
-                with torch.no_grad():
-                    qp[0] = float("nan")
-                    kp[1] = float("nan")
-                out = sdpa(qp, kp, vp)  # (2, groups, lq, dv)
-                if not bool(out.detach().isnan().all()):
-                    return True
+    return _probe(tuple(sorted(kw.items())), q.dtype, q.device, call.groups, lq, lk,
+                  q.shape[-1], call.v.shape[-1])
+
+
+@functools.lru_cache(maxsize=4096)
+def _probe(kw: tuple, dtype, device, groups: int, lq: int, lk: int, d: int, dv: int) -> bool:
+    """:func:`_drops_nan`, remembered per question (a decoding loop asks each key count).
+    Each CPU kernel SDPA may pick (flash, math) is asked on its own, with and without
+    autograd, so the answer does not depend on which kernels the caller had enabled."""
+    if _sdpa_kernel is None:
+        return True
+    try:
+        with torch.inference_mode(False):
+            for backend, grad in itertools.product(_CPU_KERNELS, (False, True)):
+                with torch.set_grad_enabled(grad):
+                    opts = {"dtype": dtype, "device": device, "requires_grad": grad}
+                    # batch 0: NaN queries; batch 1: NaN keys. One query head per kv head.
+                    qp = torch.zeros(2, groups, lq, d, **opts)
+                    kp = torch.zeros(2, 1, lk, d, **opts)
+                    vp = torch.ones(2, 1, lk, dv, **opts)
+                    with torch.no_grad():
+                        qp[0] = float("nan")
+                        kp[1] = float("nan")
+                    try:  # a kernel that cannot take these inputs warns why, then raises
+                        with _sdpa_kernel([backend]), warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            out = F.scaled_dot_product_attention(qp, kp, vp, **dict(kw))
+                    except RuntimeError:  # so SDPA never picks it here: nothing to ask
+                        continue
+                    if not bool(out.detach().isnan().all()):  # (2, groups, lq, dv)
+                        return True
+    except RuntimeError:  # keep the fix-up when in doubt
+        return True
     return False
 
 
@@ -201,7 +229,7 @@ def _with_nan_rows(out: Tensor, q: Tensor, k: Tensor | None, *, causal: bool) ->
     return torch.where(rows, float("nan"), out)
 
 
-def _runner_any_keys(sdpa, call: Call, *, causal: bool):
+def _runner_any_keys(sdpa, kw: dict, call: Call, *, causal: bool):
     """``sdpa`` with the NaN fix-up where :func:`_drops_nan` finds it needed, decided once
     per key count (the other dims, dtype and device stay those of ``call``)."""
     drops: dict[int, bool] = {}
@@ -212,7 +240,7 @@ def _runner_any_keys(sdpa, call: Call, *, causal: bool):
         if needed is None:
             if len(drops) >= 4096:
                 drops.clear()
-            needed = drops[lk] = _drops_nan(sdpa, call, lq=q.shape[-2], lk=lk)
+            needed = drops[lk] = _drops_nan(kw, call, lq=q.shape[-2], lk=lk)
         out = sdpa(q, k, v)  # (B, Hq, Lq, Dv)
         return _with_nan_rows(out, q, k, causal=causal) if needed else out
     return run
