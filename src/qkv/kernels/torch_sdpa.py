@@ -229,10 +229,20 @@ def _with_nan_rows(out: Tensor, q: Tensor, k: Tensor | None, *, causal: bool) ->
     return torch.where(rows, float("nan"), out)
 
 
+#: (SDPA options, dtype, device, head groups, D, Dv, Lq unless causal) -> {key count: whether
+#: SDPA drops NaN there}
+_DROPS: dict[tuple, dict[int, bool]] = {}
+
+
 def _runner_any_keys(sdpa, kw: dict, call: Call, *, causal: bool):
     """``sdpa`` with the NaN fix-up where :func:`_drops_nan` finds it needed, decided once
     per key count (the other dims, dtype and device stay those of ``call``)."""
-    drops: dict[int, bool] = {}
+    q0 = call.q
+    if len(_DROPS) >= 256:
+        _DROPS.clear()
+    drops = _DROPS.setdefault(  # shared by every runner of this kind (each decode has one)
+        (tuple(sorted(kw.items())), q0.dtype, q0.device, call.groups, q0.shape[-1],
+         call.v.shape[-1], None if causal else call.lq), {})
 
     def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         lk = k.shape[-2]
