@@ -18,6 +18,7 @@ from torch import Tensor
 from . import kernels as _kernels
 from .kernels.base import Call
 from .kernels.reference import AttentionSteps, reference_steps
+from .kernels.torch_sdpa import TorchSDPABackend
 from .masks import Mask, parse_window
 from .validate import check_qkv
 
@@ -69,31 +70,32 @@ def attention(
     A query that can see no key gets output 0 and weight 0 (never NaN). Scores, softmax and
     accumulation run in float32 (float64 for float64 inputs).
     """
+    # The common call (no mask, window, dropout, weights or generator; backend "auto";
+    # plain tensors; no capture; DEBUG logging off) reuses what an earlier call of the same
+    # signature validated and chose (see _PLANS below).
+    key = None
+    if (mask is None and window is None and generator is None and return_weights is False
+            and backend == "auto" and type(dropout) is float and dropout == 0.0
+            and (causal is False or causal is True) and (scale is None or type(scale) is float)
+            and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor):
+        key = (q.shape, k.shape, v.shape, q.dtype, q.device, causal, scale,
+               _kernels.REFERENCE_MEMORY_BUDGET)
+        plan = _PLANS.get(key)
+        if plan is not None and not _observers and not log.isEnabledFor(10):
+            fast, flat = plan  # DEBUG: the slow path logs; capture: it records
+            try:  # k or v of another dtype or device than q raises: the full path says why
+                if flat is None:  # q is (B, Hq, Lq, D) already
+                    return fast(q, k, v)
+                b, batch_shape = flat
+                out = fast(q.reshape(b, *q.shape[-3:]), k.reshape(b, *k.shape[-3:]),
+                           v.reshape(b, *v.shape[-3:]))  # (B, Hq, Lq, Dv)
+                return out.reshape(*batch_shape, *out.shape[1:])  # (..., Hq, Lq, Dv)
+            except RuntimeError:
+                pass
     if _observers:  # qkv.capture is recording: it runs the call as is and keeps the weights
         return _observers[-1](_attention, q, k, v, mask=mask, causal=causal, window=window,
                               scale=scale, dropout=dropout, return_weights=return_weights,
                               backend=backend, generator=generator)
-    # The common call (no mask, window, dropout, weights or generator; backend "auto";
-    # plain tensors; DEBUG logging off) reuses what an earlier call of the same signature
-    # validated and chose (see _PLANS below).
-    plain = (mask is None and window is None and generator is None and return_weights is False
-             and backend == "auto" and (causal is False or causal is True)
-             and (scale is None or type(scale) is float) and type(dropout) is float
-             and dropout == 0.0 and type(q) is Tensor and type(k) is Tensor
-             and type(v) is Tensor)
-    key = None
-    if plain:
-        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
-               v.device, causal, scale, _kernels.REFERENCE_MEMORY_BUDGET)
-        plan = _PLANS.get(key)
-        if plan is not None and not log.isEnabledFor(10):  # DEBUG: the slow path logs
-            fast, flat = plan
-            if flat is None:  # q is (B, Hq, Lq, D) already
-                return fast(q, k, v)
-            b, batch_shape = flat
-            out = fast(q.reshape(b, *q.shape[-3:]), k.reshape(b, *k.shape[-3:]),
-                       v.reshape(b, *v.shape[-3:]))  # (B, Hq, Lq, Dv)
-            return out.reshape(*batch_shape, *out.shape[1:])  # (..., Hq, Lq, Dv)
     return _attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
                       dropout=dropout, return_weights=return_weights, backend=backend,
                       generator=generator, plan_key=key)
@@ -165,30 +167,49 @@ def explain(
 
 # ---- plans of plain calls -----------------------------------------------------------------
 # A plain call has no tensor mask, window, dropout, returned weights or generator. Its
-# signature (the key) is the shapes, dtypes and devices of q, k and v, ``causal``, ``scale``
-# and the memory budget that ``auto`` reads. Every check of prepare_call depends on nothing
-# else, and neither does the backend auto picks nor the canonical mask, so a call whose
-# signature was seen before is valid and goes where the first one went: its plan is
-# (fast, None or (B, batch_shape) when the batch dims must be folded), where fast(q, k, v)
-# maps (B, ...) tensors to the output. A backend with ``plain_runner(call)`` gives a
-# function with every per-signature decision already made; otherwise fast builds the Call
-# and runs the backend.
+# signature (the key) is the shapes of q, k and v, q's dtype and device, ``causal``,
+# ``scale`` and the memory budget that ``auto`` reads. Every check of prepare_call depends
+# on nothing else but k's and v's dtypes and devices, and neither does the backend auto
+# picks nor the canonical mask, so a call whose signature was seen before and whose k and v
+# have q's dtype and device is valid and goes where the first one went. Those two are not
+# in the key (reading them costs as much as a third of the rest): the plan's function
+# raises a RuntimeError when they differ from q's, and the call then takes the full path,
+# which refuses it with its own message. SDPA checks them itself; other plans check them
+# first. A plan is (fast, None or (B, batch_shape) when the batch dims must be folded),
+# where fast(q, k, v) maps (B, ...) tensors to the output. A backend with
+# ``plain_runner(call)`` gives a function with every per-signature decision already made;
+# otherwise fast builds the Call and runs the backend.
 _PLANS = _kernels.PLANS  # register() empties it
 
 _parse_window = parse_window  # its old home; code that read it here keeps working
 _MAX_PLANS = 256  # distinct signatures kept; the cache starts over when full
 
 
+class _OtherKV(RuntimeError):
+    """k or v of another dtype or device than q, in a planned call: take the full path."""
+
+
 def _remember(key: tuple, be, call: Call, batch_shape: tuple[int, ...]) -> None:
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     flat = None if len(batch_shape) == 1 else (call.batch, batch_shape)
-    fast = _plain_runner(be, call)
-    if fast is None:
-        run, m, sc = be.run, call.mask, call.scale
+    runner = _plain_runner(be, call)
+    dtype, device = call.q.dtype, call.q.device
+    if runner is not None and device.type == "cpu" and \
+            type(be).plain_runner is TorchSDPABackend.plain_runner:
+        fast = runner  # SDPA refuses k or v of another dtype or device than q
+    else:
+        if runner is None:
+            run, m, sc = be.run, call.mask, call.scale
+
+            def runner(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                return run(Call(q, k, v, m, sc))[0]  # (B, Hq, Lq, Dv)
 
         def fast(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return run(Call(q, k, v, m, sc))[0]  # (B, Hq, Lq, Dv)
+            if (k.dtype is not dtype or v.dtype is not dtype or k.device != device
+                    or v.device != device):
+                raise _OtherKV
+            return runner(q, k, v)  # (B, Hq, Lq, Dv)
     _PLANS[key] = (fast, flat)
 
 

@@ -8,14 +8,24 @@ selected to 0, which also keeps their gradients at 0.
 An additive mask keeps its values: on CPU it is passed in float32 (SDPA's CPU kernels add a
 float32 mask to half-precision scores in float32), elsewhere in the input dtype, and a call
 whose finite mask values would become infinite in float16/bfloat16 is refused, so ``auto``
-falls back (only ``-inf`` hides a key). SDPA's CPU kernel returns 0 for a query holding
-NaN; such rows are set to NaN, as every other backend gives.
+falls back (only ``-inf`` hides a key).
+
+NaN: SDPA's CPU flash kernel returns 0, not NaN, for a query row whose visible scores are
+all NaN (a NaN in the query, or in every key the row sees) when the row's key block is
+shorter than one SIMD vector (Lk < 16 float32 lanes with AVX-512, < 8 with AVX2; causal
+rows are padded to a full block and propagate): its scalar tail takes ``std::max``, which
+drops NaN, and a row whose maximum stays ``-inf`` counts as fully masked. Such rows are
+set to NaN, as every other backend gives. Plain calls decide once per signature, by
+running SDPA on NaN inputs of that signature (:func:`_drops_nan`), whether the fix-up is
+needed at all.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +35,14 @@ from .base import Backend, Call
 
 # enable_gqa arrived in torch 2.5; the builtin has no inspectable signature, so read the doc.
 _HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+try:  # torch >= 2.3: run SDPA with one chosen kernel (the NaN probe asks each CPU kernel)
+    from torch.nn.attention import SDPBackend
+    from torch.nn.attention import sdpa_kernel as _sdpa_kernel
+
+    _CPU_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+except ImportError:  # no way to ask each kernel: every call keeps the NaN fix-up
+    _sdpa_kernel, _CPU_KERNELS = None, ()
 
 
 class TorchSDPABackend(Backend):
@@ -65,10 +83,9 @@ class TorchSDPABackend(Backend):
             else:  # torch < 2.5: no native GQA, repeat the kv heads
                 k = k.repeat_interleave(call.groups, dim=1)
                 v = v.repeat_interleave(call.groups, dim=1)
-        is_causal = m.causal and m.lq == m.lk and m.left is None and m.right == 0
-        attn_mask, row_visible = None, None
-        if not m.is_empty and not (is_causal and not m.has_tensor):
-            is_causal = False
+        kind = _plain_kind(m)  # None: SDPA needs a mask tensor
+        is_causal, attn_mask, row_visible = bool(kind), None, None
+        if kind is None:
             allowed, bias = m.dense(q.device)
             if allowed is not None:
                 row_visible = allowed.any(dim=-1, keepdim=True)  # (B|1, H|1, Lq, 1)
@@ -85,42 +102,155 @@ class TorchSDPABackend(Backend):
             k0 = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, 0, D)
             v0 = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # (B, Hq, 0, Dv)
             return (q @ k0.transpose(-1, -2)) @ v0, None  # sums over no key: 0, in the graph
-        out = _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=call.dropout,
-                    is_causal=is_causal, scale=call.scale, **kwargs)  # (B, Hq, Lq, Dv)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=call.dropout, is_causal=is_causal,
+            scale=call.scale, **kwargs)  # (B, Hq, Lq, Dv)
+        if kind is None:  # a mask: NaN in a query still makes its row NaN
+            out = _with_nan_rows(out, q, None, causal=False)
+        else:  # no mask or square causal: NaN in a visible key too
+            out = _with_nan_rows(out, q, k, causal=is_causal)
         if row_visible is not None and not bool(row_visible.all()):
             out = torch.where(row_visible, out, torch.zeros_like(out))
         return out, None
 
-    def plain_runner(self, call: Call):
+    def plain_runner(self, call: Call, *, any_keys: bool = False):
         """A function ``f(q, k, v) -> out (B, Hq, Lq, Dv)`` that computes every call with ``call``'s
         signature (shapes, dtypes, mask, scale) exactly as :meth:`run` would, decided once:
         or None when the call needs :meth:`run`'s general handling (a tensor mask, a band
-        that hides keys from some query but is not square causal, dropout, no keys)."""
+        that hides keys from some query but is not square causal, dropout, no keys).
+
+        ``any_keys=True``: ``f`` also serves calls that differ only in the number of keys
+        (and of queries, for square causal), as a growing KV cache makes; it then decides
+        the NaN fix-up once per key count."""
         m = call.mask
-        if call.dropout != 0.0 or call.lq == 0 or call.lk == 0 or m.has_tensor:
+        if call.dropout != 0.0 or call.lq == 0 or call.lk == 0:
             return None
-        if m.is_empty or (m.causal and m.lq == 1 and m.left is None and m.right == 0):
-            is_causal = False  # nothing hidden (one query sees every key bottom-right)
-        elif m.causal and m.lq == m.lk and m.left is None and m.right == 0:
-            is_causal = True
-        else:
-            return None
-        if call.groups > 1 and not _HAS_GQA:
+        kind = _plain_kind(m)
+        if kind is None or (call.groups > 1 and not _HAS_GQA):
             return None
         # Only the options that differ from SDPA's defaults: each keyword costs parsing.
         # SDPA's default scale is 1 / sqrt(D) in double precision, the same number.
-        kw = {"is_causal": True} if is_causal else {}
+        kw = {"is_causal": True} if kind else {}
         if call.scale != 1.0 / math.sqrt(call.q.shape[-1]):
             kw["scale"] = call.scale
         if call.groups > 1:
             kw["enable_gqa"] = True
-        return functools.partial(_sdpa, **kw)
+        sdpa = functools.partial(F.scaled_dot_product_attention, **kw) if kw else \
+            F.scaled_dot_product_attention
+        causal = bool(kind)
+        if any_keys:
+            return _runner_any_keys(sdpa, kw, call, causal=causal)
+        if not _drops_nan(kw, call, lq=call.lq, lk=call.lk):
+            return sdpa  # SDPA itself: it propagates NaN for this signature
+
+        def checked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return _with_nan_rows(sdpa(q, k, v), q, k, causal=causal)  # (B, Hq, Lq, Dv)
+        return checked
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, **options) -> Tensor:
-    """PyTorch's SDPA, with NaN in a query propagated to its output row as qkv promises
-    (SDPA's CPU kernel gives 0 there). ``out (B, Hq, Lq, Dv)``."""
-    out = F.scaled_dot_product_attention(q, k, v, **options)
-    if q.numel() and math.isnan(q.detach().max()):  # max propagates NaN: one reduction
-        out = torch.where(q.isnan().any(dim=-1, keepdim=True), float("nan"), out)
-    return out
+def _plain_kind(m) -> bool | None:
+    """How SDPA runs mask ``m`` without a mask tensor: False (no key hidden from any query:
+    no mask, or causal with one query, which sees every key bottom-right), True (square
+    causal: SDPA's ``is_causal``), None (it needs a mask tensor)."""
+    if m.has_tensor:
+        return None
+    if m.is_empty or (m.causal and m.lq == 1 and m.left is None and m.right == 0):
+        return False
+    if m.causal and m.lq == m.lk and m.left is None and m.right == 0:
+        return True
+    return None
+
+
+def _drops_nan(kw: dict, call: Call, *, lq: int, lk: int) -> bool:
+    """Whether SDPA with options ``kw`` gives a non-NaN output row, for inputs of ``call``'s
+    dtype, device, head dims and head groups with ``lq`` queries and ``lk`` keys, where a
+    row's scores are all NaN (from a NaN in the query, or in every key). Whether SDPA drops
+    such a NaN depends on the kernel it picks, the key length, the dtype, the CPU's vector
+    width and the PyTorch version, so it is asked, not assumed: once without and once with
+    autograd (the kernels may differ). Rows whose scores are only partly NaN propagate in
+    every kernel (tests check it)."""
+    q = call.q
+    if not q.is_cpu:
+        return True  # keep the check: the CUDA kernels are not probed here
+    return _probe(tuple(sorted(kw.items())), q.dtype, q.device, call.groups, lq, lk,
+                  q.shape[-1], call.v.shape[-1])
+
+
+@functools.lru_cache(maxsize=4096)
+def _probe(kw: tuple, dtype, device, groups: int, lq: int, lk: int, d: int, dv: int) -> bool:
+    """:func:`_drops_nan`, remembered per question (a decoding loop asks each key count).
+    Each CPU kernel SDPA may pick (flash, math) is asked on its own, with and without
+    autograd, so the answer does not depend on which kernels the caller had enabled."""
+    if _sdpa_kernel is None:
+        return True
+    try:
+        with torch.inference_mode(False):
+            for backend, grad in itertools.product(_CPU_KERNELS, (False, True)):
+                with torch.set_grad_enabled(grad):
+                    opts = {"dtype": dtype, "device": device, "requires_grad": grad}
+                    # batch 0: NaN queries; batch 1: NaN keys. One query head per kv head.
+                    qp = torch.zeros(2, groups, lq, d, **opts)
+                    kp = torch.zeros(2, 1, lk, d, **opts)
+                    vp = torch.ones(2, 1, lk, dv, **opts)
+                    with torch.no_grad():
+                        qp[0] = float("nan")
+                        kp[1] = float("nan")
+                    try:  # a kernel that cannot take these inputs warns why, then raises
+                        with _sdpa_kernel([backend]), warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            out = F.scaled_dot_product_attention(qp, kp, vp, **dict(kw))
+                    except RuntimeError:  # so SDPA never picks it here: nothing to ask
+                        continue
+                    if not bool(out.detach().isnan().all()):  # (2, groups, lq, dv)
+                        return True
+    except RuntimeError:  # keep the fix-up when in doubt
+        return True
+    return False
+
+
+def _with_nan_rows(out: Tensor, q: Tensor, k: Tensor | None, *, causal: bool) -> Tensor:
+    """``out (B, Hq, Lq, Dv)`` with NaN in every row whose query holds NaN, and (k given:
+    a call with no mask, or square causal) every row that can see a key holding NaN."""
+    if q.numel() == 0:
+        return out
+    # One reduction each decides whether anything is to do (max propagates NaN).
+    nan_q = math.isnan(q.detach().max())
+    nan_k = k is not None and math.isnan(k.detach().max())
+    if not (nan_q or nan_k):
+        return out
+    rows = q.isnan().any(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
+    if nan_k:
+        keys = k.isnan().any(dim=-1)  # (B, Hkv, Lk)
+        if causal:  # square: row i sees keys 0..i
+            seen = keys.cumsum(dim=-1).gt(0).unsqueeze(-1)  # (B, Hkv, Lq, 1)
+        else:
+            seen = keys.any(dim=-1)[..., None, None]  # (B, Hkv, 1, 1)
+        rows = rows | seen.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return torch.where(rows, float("nan"), out)
+
+
+#: (SDPA options, dtype, device, head groups, D, Dv, Lq unless causal) -> {key count: whether
+#: SDPA drops NaN there}
+_DROPS: dict[tuple, dict[int, bool]] = {}
+
+
+def _runner_any_keys(sdpa, kw: dict, call: Call, *, causal: bool):
+    """``sdpa`` with the NaN fix-up where :func:`_drops_nan` finds it needed, decided once
+    per key count (the other dims, dtype and device stay those of ``call``)."""
+    q0 = call.q
+    if len(_DROPS) >= 256:
+        _DROPS.clear()
+    drops = _DROPS.setdefault(  # shared by every runner of this kind (each decode has one)
+        (tuple(sorted(kw.items())), q0.dtype, q0.device, call.groups, q0.shape[-1],
+         call.v.shape[-1], None if causal else call.lq), {})
+
+    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        lk = k.shape[-2]
+        needed = drops.get(lk)
+        if needed is None:
+            if len(drops) >= 4096:
+                drops.clear()
+            needed = drops[lk] = _drops_nan(kw, call, lq=q.shape[-2], lk=lk)
+        out = sdpa(q, k, v)  # (B, Hq, Lq, Dv)
+        return _with_nan_rows(out, q, k, causal=causal) if needed else out
+    return run

@@ -87,7 +87,7 @@ def _runner(q_heads: int, k: Tensor, v: Tensor, mask: Tensor | None):
     call, _ = prepare_call(q, k, v)
     if type(kernels.get(kernels.auto_order(call)[0][0])) is not TorchSDPABackend:
         return attention
-    return be.plain_runner(call) or attention
+    return be.plain_runner(call, any_keys=True) or attention
 
 
 def _slots(cache, start: int, end: int) -> dict[int, tuple]:
