@@ -179,6 +179,32 @@ def test_nan_query_propagates_without_a_mask(backend):
         assert torch.isfinite(out[0, 0, 1:]).all()
 
 
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("how", ["bool", "additive", "window", "causal"])
+def test_a_bad_key_hidden_from_some_queries_does_not_reach_them(backend, value, how):
+    """Before: the torch backend let a NaN/inf key into the rows its mask hides it from
+    (SDPA adds the mask to the scores: -inf + NaN is NaN)."""
+    q, k, v = rand_qkv(1, 2, 2, 4, 6, 3, seed=9)
+    kw = {}
+    if how in ("bool", "additive"):
+        allowed = torch.ones(4, 6, dtype=torch.bool)
+        allowed[1:, 0] = False  # key 0: seen by query 0 only
+        kw["mask"] = allowed if how == "bool" else torch.zeros(4, 6, dtype=torch.float64) \
+            .masked_fill(~allowed, float("-inf"))
+    elif how == "window":
+        kw["window"] = (1, 1)  # key 0: seen by query 0 (and key 1 by queries 0, 1)
+    else:
+        kw["causal"] = True  # bottom-right, Lq 4 < Lk 6: key 5 seen by the last query only
+    bad = 5 if how == "causal" else 0
+    k[0, 1, bad, 1] = value
+    out = qkv.attention(q, k, v, backend=backend, **kw)
+    want, _ = oracle(q, k, v, **kw)
+    _nan_pattern_matches(out, want)
+    seen_by = [3] if how == "causal" else [0]
+    others = [i for i in range(4) if i not in seen_by]
+    assert torch.isfinite(out[0, 1, others]).all()  # the rows that cannot see it
+
 # ---- 6. keys the band hides from every query are zeroed ------------------------------------
 @pytest.mark.parametrize("lq,lk,causal,window", [
     (2, 8, True, (2, 0)),  # the report's case: keys 0-4 hidden from both queries

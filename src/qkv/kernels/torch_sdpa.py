@@ -10,18 +10,23 @@ float32 mask to half-precision scores in float32), elsewhere in the input dtype,
 whose finite mask values would become infinite in float16/bfloat16 is refused, so ``auto``
 falls back (only ``-inf`` hides a key).
 
-NaN: SDPA's CPU flash kernel returns 0, not NaN, for a query row whose visible scores are
-all NaN (a NaN in the query, or in every key the row sees) when the row's key block is
-shorter than one SIMD vector (Lk < 16 float32 lanes with AVX-512, < 8 with AVX2; causal
-rows are padded to a full block and propagate): its scalar tail takes ``std::max``, which
-drops NaN, and a row whose maximum stays ``-inf`` counts as fully masked. Such rows are
-set to NaN, as every other backend gives. Plain calls decide once per signature, by
-running SDPA on NaN inputs of that signature (:func:`_drops_nan`), whether the fix-up is
-needed at all.
+NaN and inf in a query or key: the SDPA kernels get them wrong in ways qkv's rules forbid.
+The CPU flash kernel returns 0, not NaN, for a row whose visible scores are all NaN when
+the row's key block is shorter than one SIMD vector (Lk < 16 float32 lanes with AVX-512,
+< 8 with AVX2): its scalar tail takes ``std::max``, which drops NaN, and a row whose
+maximum stays ``-inf`` counts as fully masked. In float16/bfloat16 it returns 0 for rows
+with a +inf score (so half-precision calls are always checked). With a mask tensor, a
+NaN or inf key hidden from some queries leaks into their rows (the mask is added to the
+scores, and -inf + NaN is NaN). Such calls are computed by the chunked backend instead,
+which follows the rules (docs/semantics.md): a call with a mask checks q and k with one
+reduction each; a plain call (no mask, or square causal) checks only where SDPA was seen
+to drop NaN or +inf for its signature (:func:`_drops_nan` runs SDPA on such inputs once
+per signature).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -75,6 +80,8 @@ class TorchSDPABackend(Backend):
         return None
 
     def run(self, call: Call) -> tuple[Tensor, Tensor | None]:
+        if not (_finite(call.q) and _finite(call.k)):
+            return _chunked().run(call)  # NaN/inf in a query or key: see the module doc
         q, k, v, m = call.q, call.k, call.v, call.mask
         kwargs = {}
         if call.groups > 1:
@@ -105,10 +112,6 @@ class TorchSDPABackend(Backend):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=call.dropout, is_causal=is_causal,
             scale=call.scale, **kwargs)  # (B, Hq, Lq, Dv)
-        if kind is None:  # a mask: NaN in a query still makes its row NaN
-            out = _with_nan_rows(out, q, None, causal=False)
-        else:  # no mask or square causal: NaN in a visible key too
-            out = _with_nan_rows(out, q, k, causal=is_causal)
         if row_visible is not None and not bool(row_visible.all()):
             out = torch.where(row_visible, out, torch.zeros_like(out))
         return out, None
@@ -137,14 +140,16 @@ class TorchSDPABackend(Backend):
             kw["enable_gqa"] = True
         sdpa = functools.partial(F.scaled_dot_product_attention, **kw) if kw else \
             F.scaled_dot_product_attention
-        causal = bool(kind)
+        exact = functools.partial(_exact, mask=m, scale=call.scale)
         if any_keys:
-            return _runner_any_keys(sdpa, kw, call, causal=causal)
+            return _runner_any_keys(sdpa, exact, kw, call, causal=bool(kind))
         if not _drops_nan(kw, call, lq=call.lq, lk=call.lk):
-            return sdpa  # SDPA itself: it propagates NaN for this signature
+            return sdpa  # SDPA itself: it propagates NaN and inf for this signature
 
         def checked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return _with_nan_rows(sdpa(q, k, v), q, k, causal=causal)  # (B, Hq, Lq, Dv)
+            if _finite(q) and _finite(k):
+                return sdpa(q, k, v)  # (B, Hq, Lq, Dv)
+            return exact(q, k, v)
         return checked
 
 
@@ -164,14 +169,17 @@ def _plain_kind(m) -> bool | None:
 def _drops_nan(kw: dict, call: Call, *, lq: int, lk: int) -> bool:
     """Whether SDPA with options ``kw`` gives a non-NaN output row, for inputs of ``call``'s
     dtype, device, head dims and head groups with ``lq`` queries and ``lk`` keys, where a
-    row's scores are all NaN (from a NaN in the query, or in every key). Whether SDPA drops
+    row's scores are all NaN or +inf (from the query, or from every key). Whether SDPA drops
     such a NaN depends on the kernel it picks, the key length, the dtype, the CPU's vector
     width and the PyTorch version, so it is asked, not assumed: once without and once with
     autograd (the kernels may differ). Rows whose scores are only partly NaN propagate in
     every kernel (tests check it)."""
     q = call.q
-    if not q.is_cpu:
-        return True  # keep the check: the CUDA kernels are not probed here
+    if not q.is_cpu or q.dtype in (torch.float16, torch.bfloat16):
+        # Keep the check: the CUDA kernels are not probed here, and in half precision the
+        # CPU kernels also give 0 for a row where one +inf score stands among finite ones,
+        # which an all-+inf probe does not show.
+        return True
     return _probe(tuple(sorted(kw.items())), q.dtype, q.device, call.groups, lq, lk,
                   q.shape[-1], call.v.shape[-1])
 
@@ -188,45 +196,45 @@ def _probe(kw: tuple, dtype, device, groups: int, lq: int, lk: int, d: int, dv: 
             for backend, grad in itertools.product(_CPU_KERNELS, (False, True)):
                 with torch.set_grad_enabled(grad):
                     opts = {"dtype": dtype, "device": device, "requires_grad": grad}
-                    # batch 0: NaN queries; batch 1: NaN keys. One query head per kv head.
-                    qp = torch.zeros(2, groups, lq, d, **opts)
-                    kp = torch.zeros(2, 1, lk, d, **opts)
-                    vp = torch.ones(2, 1, lk, dv, **opts)
+                    # Every score NaN (batch 0: NaN queries; 1: NaN keys) or +inf (2: +inf
+                    # queries; 3: +inf keys): every row NaN. One query head per kv head.
+                    qp = torch.ones(4, groups, lq, d, **opts)
+                    kp = torch.ones(4, 1, lk, d, **opts)
+                    vp = torch.ones(4, 1, lk, dv, **opts)
                     with torch.no_grad():
-                        qp[0] = float("nan")
-                        kp[1] = float("nan")
+                        qp[0] = kp[1] = float("nan")
+                        qp[2] = kp[3] = float("inf")
                     try:  # a kernel that cannot take these inputs warns why, then raises
                         with _sdpa_kernel([backend]), warnings.catch_warnings():
                             warnings.simplefilter("ignore")
                             out = F.scaled_dot_product_attention(qp, kp, vp, **dict(kw))
                     except RuntimeError:  # so SDPA never picks it here: nothing to ask
                         continue
-                    if not bool(out.detach().isnan().all()):  # (2, groups, lq, dv)
+                    if not bool(out.detach().isnan().all()):  # (4, groups, lq, dv)
                         return True
     except RuntimeError:  # keep the fix-up when in doubt
         return True
     return False
 
 
-def _with_nan_rows(out: Tensor, q: Tensor, k: Tensor | None, *, causal: bool) -> Tensor:
-    """``out (B, Hq, Lq, Dv)`` with NaN in every row whose query holds NaN, and (k given:
-    a call with no mask, or square causal) every row that can see a key holding NaN."""
-    if q.numel() == 0:
-        return out
-    # One reduction each decides whether anything is to do (max propagates NaN).
-    nan_q = math.isnan(q.detach().max())
-    nan_k = k is not None and math.isnan(k.detach().max())
-    if not (nan_q or nan_k):
-        return out
-    rows = q.isnan().any(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
-    if nan_k:
-        keys = k.isnan().any(dim=-1)  # (B, Hkv, Lk)
-        if causal:  # square: row i sees keys 0..i
-            seen = keys.cumsum(dim=-1).gt(0).unsqueeze(-1)  # (B, Hkv, Lq, 1)
-        else:
-            seen = keys.any(dim=-1)[..., None, None]  # (B, Hkv, 1, 1)
-        rows = rows | seen.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    return torch.where(rows, float("nan"), out)
+def _finite(t: Tensor) -> bool:
+    """Whether ``t`` holds no NaN or inf, by one reduction (a sum that overflows says no:
+    that call only takes the exact path)."""
+    return t.numel() == 0 or math.isfinite(t.detach().sum())
+
+
+@functools.cache
+def _chunked():
+    from .chunked.backend import ChunkedBackend
+
+    return ChunkedBackend()
+
+
+def _exact(q: Tensor, k: Tensor, v: Tensor, *, mask, scale: float) -> Tensor:
+    """The chunked backend's ``out (B, Hq, Lq, Dv)`` for a plain call (no mask, or causal as
+    ``mask``: square or one query) of these lengths: what every backend gives for NaN/inf."""
+    m = dataclasses.replace(mask, lq=q.shape[-2], lk=k.shape[-2])
+    return _chunked().run(Call(q, k, v, m, scale))[0]
 
 
 #: (SDPA options, dtype, device, head groups, D, Dv, Lq unless causal) -> {key count: whether
@@ -234,9 +242,10 @@ def _with_nan_rows(out: Tensor, q: Tensor, k: Tensor | None, *, causal: bool) ->
 _DROPS: dict[tuple, dict[int, bool]] = {}
 
 
-def _runner_any_keys(sdpa, kw: dict, call: Call, *, causal: bool):
-    """``sdpa`` with the NaN fix-up where :func:`_drops_nan` finds it needed, decided once
-    per key count (the other dims, dtype and device stay those of ``call``)."""
+def _runner_any_keys(sdpa, exact, kw: dict, call: Call, *, causal: bool):
+    """``sdpa``, or ``exact`` for a query or key holding NaN/inf where :func:`_drops_nan`
+    finds SDPA wrong, decided once per key count (the other dims, dtype and device stay
+    those of ``call``)."""
     q0 = call.q
     if len(_DROPS) >= 256:
         _DROPS.clear()
@@ -251,6 +260,7 @@ def _runner_any_keys(sdpa, kw: dict, call: Call, *, causal: bool):
             if len(drops) >= 4096:
                 drops.clear()
             needed = drops[lk] = _drops_nan(kw, call, lq=q.shape[-2], lk=lk)
-        out = sdpa(q, k, v)  # (B, Hq, Lq, Dv)
-        return _with_nan_rows(out, q, k, causal=causal) if needed else out
+        if needed and not (_finite(q) and _finite(k)):
+            return exact(q, k, v)
+        return sdpa(q, k, v)  # (B, Hq, Lq, Dv)
     return run
