@@ -7,6 +7,7 @@ threads, slices masks per block and applies dropout.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 
@@ -17,6 +18,8 @@ from ...masks import BlockState, Mask
 from .dropout import dropout_keep
 from .planning import Plan
 from .threads import Queue, split, workers
+
+LOG2E = 1.0 / math.log(2.0)  # exp(x) = exp2(x * LOG2E)
 
 
 class Blocks:
@@ -45,6 +48,7 @@ class Blocks:
         self.neg_inf = torch.full((), float("-inf"), dtype=self.ct, device=self.device)
         self.zero = torch.zeros((), dtype=self.ct, device=self.device)
         self._band_cache: dict[tuple[int, int, int], Tensor] = {}
+        self._views: dict[tuple, tuple[Tensor, Tensor]] = {}  # kv_rows, per call
         self._local = threading.local()  # scratch buffers, one set per thread
 
     # -- the work, cut into units and shares --
@@ -106,10 +110,19 @@ class Blocks:
 
     def kv_rows(self, t: Tensor, grp, k0: int, k1: int) -> Tensor:
         """Keys k0:k1 of a (B*Hkv, Lk, X) tensor for the group: (n, bk, X)."""
+        # Every query block asks for the same views again: slicing them costs more than
+        # a small block's arithmetic, so they are made once per call. The cache holds
+        # ``t`` too, so its id cannot be reused by another tensor while this call lasts.
+        key = (id(t), grp, k0, k1)
+        hit = self._views.get(key)
+        if hit is not None:
+            return hit[1]
         b0, b1, h0, h1 = grp
         # A view (never a copy): the backward accumulates gradients into it in place.
-        return t.view(self.b, self.hkv, *t.shape[1:])[b0:b1, h0:h1, k0:k1].view(
+        view = t.view(self.b, self.hkv, *t.shape[1:])[b0:b1, h0:h1, k0:k1].view(
             (b1 - b0) * (h1 - h0), k1 - k0, t.shape[-1])
+        self._views[key] = (t, view)
+        return view
 
     def heads_view(self, s: Tensor, grp, rows: int) -> Tensor:
         """(n, G*bq, X) viewed as (b, Hq', bq, X), the layout of the masks."""
@@ -118,8 +131,9 @@ class Blocks:
 
     # -- one block --
     def scores(self, qb: Tensor, grp, q0: int, q1: int, k0: int, k1: int,
-               state: BlockState) -> Tensor:
-        """Masked scaled scores of the block: ``(n, G*bq, bk)``, ``-inf`` where hidden.
+               state: BlockState) -> tuple[Tensor, bool]:
+        """Masked scaled scores of the block: ``(n, G*bq, bk)``, ``-inf`` where hidden,
+        and whether a mask was applied (only then can a score be ``-inf`` or very low).
 
         ``qb (n, G*bq, D)`` holds the group's queries q0:q1 times ``scale``. The
         result lives in this thread's scratch buffer "s" until the next call.
@@ -134,7 +148,20 @@ class Blocks:
                 s4.add_(bias)
             if allowed is not None:  # select, never multiply: NaN there cannot leak
                 torch.where(allowed, s4, self.neg_inf, out=s4)
-        return s
+            return s, True
+        return s, False
+
+    def exp_shifted_(self, s: Tensor, shift: Tensor, masked: bool) -> Tensor:
+        """``exp(s - shift)`` in place (``s (n, rows, bk)``, ``shift (n, rows, 1)``).
+
+        On CPU, PyTorch's ``exp`` takes a slow path (several times slower per element) on
+        arguments that underflow, as ``-inf`` for hidden keys does; ``exp2`` has no such
+        path, so masked blocks go through ``exp2(x * log2(e))``: 0 stays exactly 0.
+        """
+        s.sub_(shift)
+        if masked and self.device.type == "cpu":
+            return s.mul_(LOG2E).exp2_()
+        return s.exp_()
 
     def block_mask(self, grp, q0, q1, k0, k1, state) -> tuple[Tensor | None, Tensor | None]:
         """(allowed, bias) of the block for the group's batch rows and heads; None, None

@@ -23,9 +23,9 @@ __all__ = ["BLOCK_ELEMENTS", "BLOCK_K", "Plan", "block_sizes", "plan_blocks"]
 #: Most elements of one block of scores, ``heads x block_q x block_k``, per device type.
 #: On CPU a block (2 MiB of float32) stays in cache between the matrix product that
 #: writes it and the ones that read it; on GPUs larger blocks amortise kernel launches.
-BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 19, "cuda": 1 << 24}
+BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 18, "cuda": 1 << 24}
 #: Keys per block, per device type (queries per block follow from BLOCK_ELEMENTS).
-BLOCK_K: dict[str, int] = {"cpu": 256, "cuda": 1024}
+BLOCK_K: dict[str, int] = {"cpu": 512, "cuda": 1024}
 _MIN_BLOCK_Q, _MAX_BLOCK_Q = 32, 1024
 
 #: CPU threads a chunked call is split over (None: ``torch.get_num_threads()``). Each
@@ -88,7 +88,9 @@ def plan_blocks(q: Tensor, k: Tensor, *, mask: Mask | None = None, block_q: int 
     bk = max(1, min(bk, lk))
     auto_q = bq is None
     if auto_q:
-        rows = budget // max(1, b * hq * bk)
+        # One kv head's G query heads first: tall blocks of one head keep the matrix
+        # products efficient; several heads share a block only when one head's rows fit.
+        rows = budget // max(1, g * bk)
         bq = 1 << max(0, rows.bit_length() - 1)  # a power of two
         bq = min(max(bq, _MIN_BLOCK_Q), _MAX_BLOCK_Q)
         if mask is not None and mask.has_band:
