@@ -48,7 +48,8 @@ class Blocks:
         self.neg_inf = torch.full((), float("-inf"), dtype=self.ct, device=self.device)
         self.zero = torch.zeros((), dtype=self.ct, device=self.device)
         self._band_cache: dict[tuple[int, int, int], Tensor] = {}
-        self._views: dict[tuple, tuple[Tensor, Tensor]] = {}  # kv_rows, per call
+        self._views: dict[tuple, object] = {}  # kv_rows and kT views, per call
+        self.has_tensor_mask = mask.has_tensor
         self._local = threading.local()  # scratch buffers, one set per thread
 
     # -- the work, cut into units and shares --
@@ -95,12 +96,19 @@ class Blocks:
     # -- slicing --
     def buffer(self, name: str, n: int, rows: int, cols: int) -> Tensor:
         """A contiguous (n, rows, cols) scratch tensor in the compute dtype, reused."""
+        views = self._local.__dict__.setdefault("views", {})
+        view = views.get((name, n, rows, cols))  # the same few shapes come back every block
+        if view is not None:
+            return view
         bufs = self._local.__dict__.setdefault("bufs", {})
         size = n * rows * cols
         buf = bufs.get(name)
         if buf is None or buf.numel() < size:
             buf = bufs[name] = torch.empty(size, dtype=self.ct, device=self.device)
-        return buf[:size].view(n, rows, cols)
+            for key in [key for key in views if key[0] == name]:
+                del views[key]  # views of the old buffer
+        view = views[(name, n, rows, cols)] = buf[:size].view(n, rows, cols)
+        return view
 
     def q_rows(self, t: Tensor, grp, q0: int, q1: int) -> Tensor:
         """Rows q0:q1 of a (B, Hkv, G, Lq, X) tensor for the group: (n, G*bq, X)."""
@@ -138,9 +146,13 @@ class Blocks:
         ``qb (n, G*bq, D)`` holds the group's queries q0:q1 times ``scale``. The
         result lives in this thread's scratch buffer "s" until the next call.
         """
-        kb = self.kv_rows(self.k2, grp, k0, k1)  # (n, bk, D)
+        kt = self._views.get(("kT", grp, k0, k1))  # (n, D, bk)
+        if kt is None:
+            kt = self._views[("kT", grp, k0, k1)] = self.kv_rows(self.k2, grp, k0, k1).mT
         s = self.buffer("s", qb.shape[0], qb.shape[1], k1 - k0)  # (n, G*bq, bk)
-        torch.bmm(qb, kb.transpose(1, 2), out=s)
+        torch.bmm(qb, kt, out=s)
+        if state is BlockState.VISIBLE and not self.has_tensor_mask:
+            return s, False
         allowed, bias = self.block_mask(grp, q0, q1, k0, k1, state)
         if allowed is not None or bias is not None:
             s4 = self.heads_view(s, grp, q1 - q0)  # (b, Hq', bq, bk)
