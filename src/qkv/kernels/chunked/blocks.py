@@ -25,7 +25,8 @@ LOG2E = 1.0 / math.log(2.0)  # exp(x) = exp2(x * LOG2E)
 class Blocks:
     """What one call needs at every block: inputs in compute layout, masks, dropout.
 
-    ``q2`` is ``q * scale`` viewed ``(B, Hkv, G, Lq, D)``; ``k2``/``v2`` are
+    ``q5`` is ``q`` viewed ``(B, Hkv, G, Lq, D)`` (:meth:`q_scaled` gives its rows times
+    ``scale`` in the compute dtype); ``k2``/``v2`` are
     ``(B*Hkv, Lk, D|Dv)``. A *unit* of work is a head group ``grp = (b0, b1, h0, h1)``
     (batch rows and kv heads) with a block of queries ``q0:q1``; units write disjoint rows.
     """
@@ -42,7 +43,8 @@ class Blocks:
             raise ValueError("dropout > 0 needs a seed (an int) so the backward can regenerate "
                              "the mask; got seed=None. Fix: pass seed=draw_seed(generator, dev)")
         self.dropout, self.seed, self.offsets = dropout, seed, offsets
-        self.q2 = (q.to(self.ct) * scale).reshape(b, hkv, self.g, lq, d)
+        # q is scaled block by block (q_scaled), in cache, not as a whole new tensor.
+        self.q5, self.scale = q.reshape(b, hkv, self.g, lq, d), scale  # (B, Hkv, G, Lq, D)
         self.k2 = k.to(self.ct).reshape(b * hkv, lk, d)  # (B*Hkv, Lk, D)
         self.v2 = None if v is None else v.to(self.ct).reshape(b * hkv, lk, v.shape[-1])
         self.neg_inf = torch.full((), float("-inf"), dtype=self.ct, device=self.device)
@@ -115,6 +117,19 @@ class Blocks:
         b0, b1, h0, h1 = grp
         n = (b1 - b0) * (h1 - h0)
         return t[b0:b1, h0:h1, :, q0:q1].reshape(n, self.g * (q1 - q0), t.shape[-1])
+
+    def q_scaled(self, grp, q0: int, q1: int) -> Tensor:
+        """Queries q0:q1 of the group times ``scale``, in the compute dtype: ``(n, G*bq,
+        D)`` in this thread's scratch buffer "q" (valid until its next call)."""
+        b0, b1, h0, h1 = grp
+        src = self.q5[b0:b1, h0:h1, :, q0:q1]  # (b, Hkv', G, bq, D)
+        buf = self.buffer("q", (b1 - b0) * (h1 - h0), self.g * (q1 - q0), src.shape[-1])
+        dst = buf.view(src.shape)
+        if src.dtype == self.ct:
+            torch.mul(src, self.scale, out=dst)
+        else:  # float16/bfloat16: converted first, then scaled in float32
+            dst.copy_(src).mul_(self.scale)
+        return buf
 
     def kv_rows(self, t: Tensor, grp, k0: int, k1: int) -> Tensor:
         """Keys k0:k1 of a (B*Hkv, Lk, X) tensor for the group: (n, bk, X)."""

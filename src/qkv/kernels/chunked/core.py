@@ -81,7 +81,13 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *
     run_shares(bl.shares(fixed=False), work)
     out = out.view(bl.b, bl.hq, bl.lq, dv)
     row_max, row_sum = row_max.view(bl.b, bl.hq, bl.lq), row_sum.view(bl.b, bl.hq, bl.lq)
-    seen = row_max != float("-inf")  # NaN counts as seen: it propagates
+    # Normalised here, once for all rows. A row that saw a visible key has row_sum >= 1
+    # (its max contributes exp(0)), or NaN (a NaN score propagates); one that saw none has
+    # row_sum 0, output 0 (even where hidden values hold NaN) and lse -inf.
+    seen = row_sum != 0  # (B, Hq, Lq)
+    hidden = ~seen
+    out.div_(torch.where(seen, row_sum, 1.0).unsqueeze(-1)).masked_fill_(hidden.unsqueeze(-1), 0.0)
+    row_max.masked_fill_(hidden, float("-inf"))
     if stats:
         return out, (row_max, torch.where(seen, 1.0 / row_sum, 0.0))
     return out, torch.where(seen, row_max + torch.log(row_sum), float("-inf"))
@@ -90,10 +96,11 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *
 def _forward_rows(bl: Blocks, grp, q0: int, q1: int) -> tuple[Tensor, Tensor, Tensor]:
     """The online softmax over every key block for queries q0:q1 of one head group.
 
-    Returns the normalised output ``(n, G*bq, Dv)``, the row max and the row's sum of
-    ``exp(score - max)`` (each ``(n, G*bq, 1)``; max ``-inf`` where the row sees no key).
+    Returns the unnormalised output ``(n, G*bq, Dv)`` (the sum of ``exp(score - max) *
+    value``), the row max and the row's sum of ``exp(score - max)`` (each ``(n, G*bq,
+    1)``; the sum is 0 where the row sees no key, and its max is then meaningless).
     """
-    qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D)
+    qb = bl.q_scaled(grp, q0, q1)  # (n, G*bq, D), q * scale
     n, rows = qb.shape[0], qb.shape[1]
     dv = bl.v2.shape[-1]
     # The running max starts at the lowest finite value, not -inf: a row that has seen no
@@ -122,13 +129,9 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int) -> tuple[Tensor, Tensor, Te
             acc.baddbmm_(p, vb)
         row_max = new_max
         first = False
-    # A row that saw a visible key has row_sum >= 1 (its max contributes exp(0)), or NaN
-    # (a NaN score propagates); one that saw none has row_sum 0 and gets output 0.
-    seen = row_sum != 0  # (n, G*bq, 1)
-    if first:  # no key block at all
+    if first:  # no key block at all: nothing seen
         acc.zero_()
-    out = acc.div_(torch.where(seen, row_sum, 1.0)).masked_fill_(~seen, 0.0)  # (n, G*bq, Dv)
-    return out, row_max.masked_fill_(~seen, float("-inf")), row_sum
+    return acc, row_max, row_sum
 
 
 # ---- weights -------------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float,
     def work(_: int, share: list) -> None:
         for grp, q0, q1 in share:
             b0, b1, h0, h1 = grp
-            qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D)
+            qb = bl.q_scaled(grp, q0, q1)  # (n, G*bq, D), q * scale
             mb = bl.q_rows(max5, grp, q0, q1)  # (n, G*bq, 1)
             ib = bl.q_rows(inv5, grp, q0, q1)  # (n, G*bq, 1)
             for k0, k1, state in bl.states(q0, q1):
@@ -248,7 +251,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor,
         dv.add_(dvs[i])
         if dbs is not None:
             dbias.add_(dbs[i])
-    dq.mul_(scale)  # q2 carried the scale already: dk = dS^T q2 = scale * dS^T q
+    dq.mul_(scale)  # qb carried the scale already: dk = dS^T qb = scale * dS^T q
     return dq.view(b, bl.hq, lq, d), dk.view(b, hkv, lk, d), dv.view(b, hkv, lk, dv_)
 
 
@@ -258,7 +261,7 @@ def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor],
     """Gradients from queries q0:q1 of one head group: adds into ``dk``, ``dv`` (and
     ``dbias``), returns this block's unscaled ``dq (n, G*bq, D)`` (None: it sees no key)."""
     b0, b1, h0, h1 = grp
-    qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D), q * scale
+    qb = bl.q_scaled(grp, q0, q1)  # (n, G*bq, D), q * scale
     dob = bl.q_rows(rows["do"], grp, q0, q1)  # (n, G*bq, Dv)
     mb = bl.q_rows(rows["max"], grp, q0, q1)  # (n, G*bq, 1)
     db = bl.q_rows(rows["delta"], grp, q0, q1)  # (n, G*bq, 1)
