@@ -108,7 +108,9 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int) -> tuple[Tensor, Tensor, Te
     # exp(0) = 1 (its sums are 0), with no per-block test for -inf.
     row_max = torch.full((n, rows, 1), torch.finfo(bl.ct).min, dtype=bl.ct, device=bl.device)
     row_sum = torch.zeros((n, rows, 1), dtype=bl.ct, device=bl.device)
-    acc = torch.empty((n, rows, dv), dtype=bl.ct, device=bl.device)  # (n, G*bq, Dv)
+    # The caller copies acc out before this thread's next unit: a reused buffer stays in
+    # cache, where a fresh tensor would be written cold by the first product.
+    acc = bl.buffer("acc", n, rows, dv)  # (n, G*bq, Dv)
     first = True
     for k0, k1, state in bl.states(q0, q1):
         p, masked = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk), -inf = hidden
