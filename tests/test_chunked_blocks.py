@@ -164,3 +164,16 @@ def test_noncontiguous_queries_give_the_same_bits(dtype):
         assert torch.equal(a, b)
     want, _ = oracle(q, k, v)
     assert_lowp_rule(run(q, k, v, (16, 32)), want, lowp_baseline(q, k, v))
+
+
+@pytest.mark.parametrize("lq,lk", [(700, 900), (900, 700)])
+@pytest.mark.parametrize("band", list(BANDS))
+def test_default_blocks_on_longer_sequences(lq, lk, band):
+    """The default CPU plan (512 keys, tall one-head blocks) on lengths it does not
+    divide, bottom-right bands with Lq != Lk, plain and GQA: float64 within the rounding
+    bound."""
+    for heads in [(2, 2), (4, 1)]:
+        q, k, v = rand_qkv(1, *heads, lq, lk, 8, 5, seed=lq + lk + heads[1])
+        want, _ = oracle(q, k, v, **BANDS[band])
+        got = qkv.attention(q, k, v, backend="chunked", **BANDS[band])
+        assert max_err(got, want) <= bound64(k, v, 8), heads
