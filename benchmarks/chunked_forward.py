@@ -5,11 +5,13 @@
     python benchmarks/chunked_forward.py                    # L=4096, H=8, D=64, float32
     python benchmarks/chunked_forward.py --length 2048 --rounds 9
     python benchmarks/chunked_forward.py --other /path/to/src  # also an older qkv, side by side
+    python benchmarks/chunked_forward.py --backward         # forward + backward instead
 
 Each round runs every implementation once, non-causal and causal, in turns; the table
 gives each one's median over the rounds and the ratio to SDPA's median. ``--other`` loads a
 second copy of qkv (its ``src`` folder) under another name, to compare two versions of the
-chunked backend on the same machine at the same moment.
+chunked backend on the same machine at the same moment. ``--backward`` times forward +
+backward (``out.sum().backward()``, gradients of q, k and v) instead of the forward alone.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--other", type=Path, default=None, help="src folder of another qkv")
+    p.add_argument("--backward", action="store_true", help="time forward + backward")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     impls = {"this": _load(ROOT / "src", "qkv_this")}
@@ -52,13 +55,18 @@ def main(argv=None) -> None:
         impls["other"] = _load(args.other, "qkv_other")
     g = torch.Generator().manual_seed(0)
     shape = (1, args.heads, args.length, args.dim)
-    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(shape, generator=g).requires_grad_(args.backward) for _ in range(3))
+
+    def finish(out):
+        if args.backward:
+            out.sum().backward()
+        return out
 
     def sdpa(causal):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return finish(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
 
     def chunked(mod, causal):
-        return mod.attention(q, k, v, causal=causal, backend="chunked")
+        return finish(mod.attention(q, k, v, causal=causal, backend="chunked"))
 
     fns = {}
     for causal in (False, True):
@@ -67,7 +75,7 @@ def main(argv=None) -> None:
         for name, mod in impls.items():
             fns[f"chunked[{name}]{tag}"] = (lambda m=mod, c=causal: chunked(m, c))
     times: dict[str, list[float]] = {n: [] for n in fns}
-    with torch.inference_mode():
+    with torch.inference_mode(not args.backward):
         for fn in fns.values():  # warm-up
             fn()
         for _ in range(args.rounds):
@@ -75,7 +83,8 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 fn()
                 times[n].append(time.perf_counter() - t0)
-    print(f"L={args.length} H={args.heads} D={args.dim} float32, threads={args.threads}, "
+    print(f"L={args.length} H={args.heads} D={args.dim} float32, "
+          f"{'forward+backward' if args.backward else 'forward'}, threads={args.threads}, "
           f"median of {args.rounds} interleaved rounds")
     print(f"{'impl':<26}{'median s':>10}{'vs SDPA':>9}")
     for n, ts in times.items():

@@ -15,12 +15,16 @@ up to rounding. The backward (an :class:`torch.autograd.Function`) recomputes ea
 weights from ``q``, ``k`` and the saved row statistics (``weights = exp(score - row_max) /
 row_sum``), so only ``out`` and those are kept between the passes.
 
-Scores are in natural units: ``q`` is multiplied once by ``scale`` and an additive mask is
-added as given, so a finite bias of any size stays finite (``exp`` costs no more than
-``exp2`` on CPU). For the backward and the weights the forward keeps each row's maximum and
-``1 / sum`` apart (``chunked_forward(..., stats=True)``) rather than one ``lse``: at scores
-near ``-1e9`` a float ``max + log(sum)`` rounds ``log(sum)`` away. A NaN score makes its
-row NaN (it propagates); a row that sees no key gives 0.
+Scores are in natural units: ``q`` is multiplied by ``scale`` (a block at a time) and an
+additive mask is added as given, so a finite bias of any size stays finite. The running
+maximum starts at the lowest finite float, so a row that has seen no visible key yet
+needs no special case (its scores are ``-inf``, its sums 0). On CPU, blocks with a mask
+compute ``exp(x)`` as ``exp2(x * log2(e))``: PyTorch's CPU ``exp`` is several times slower
+on arguments that underflow (the ``-inf`` of hidden keys), ``exp2`` is not. For the
+backward and the weights the forward keeps each row's maximum and ``1 / sum`` apart
+(``chunked_forward(..., stats=True)``) rather than one ``lse``: at scores near ``-1e9`` a
+float ``max + log(sum)`` rounds ``log(sum)`` away. A NaN score makes its row NaN (it
+propagates); a row that sees no key gives 0.
 
 Masks. A :class:`~qkv.masks.Mask` hides keys from queries; a hidden position is *selected*
 to ``-inf`` (``torch.where``), so NaN stored there does not leak. A block that the band
@@ -53,10 +57,10 @@ Building blocks (ring attention shards the keys over processes and builds on the
 * :func:`chunked_attention`: the differentiable function that the backend runs.
 
 Block sizes. :func:`plan_blocks` picks them per device and compute dtype so that one block
-of scores stays small (:data:`BLOCK_ELEMENTS`; cache-sized on CPU; :data:`BLOCK_K` keys),
-and splits the heads into groups when even the smallest query block would exceed it. Tests
-and experiments override them with the :func:`block_sizes` context manager
-(``with block_sizes(64, 128): ...``) or the ``block_q``/``block_k`` arguments.
+of scores stays small (:data:`BLOCK_ELEMENTS`; L2-sized on CPU; :data:`BLOCK_K` keys):
+tall blocks of one key/value head for long sequences, several heads per block when they
+are short. Tests and experiments override them with the :func:`block_sizes` context
+manager (``with block_sizes(64, 128): ...``) or the ``block_q``/``block_k`` arguments.
 
 CPU threads. The blocks of queries are spread over :data:`WORKERS` threads (default
 ``torch.get_num_threads()``), each running PyTorch operations single-threaded; the

@@ -7,6 +7,7 @@ threads, slices masks per block and applies dropout.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 
@@ -18,11 +19,14 @@ from .dropout import dropout_keep
 from .planning import Plan
 from .threads import Queue, split, workers
 
+LOG2E = 1.0 / math.log(2.0)  # exp(x) = exp2(x * LOG2E)
+
 
 class Blocks:
     """What one call needs at every block: inputs in compute layout, masks, dropout.
 
-    ``q2`` is ``q * scale`` viewed ``(B, Hkv, G, Lq, D)``; ``k2``/``v2`` are
+    ``q5`` is ``q`` viewed ``(B, Hkv, G, Lq, D)`` (:meth:`q_scaled` gives its rows times
+    ``scale`` in the compute dtype); ``k2``/``v2`` are
     ``(B*Hkv, Lk, D|Dv)``. A *unit* of work is a head group ``grp = (b0, b1, h0, h1)``
     (batch rows and kv heads) with a block of queries ``q0:q1``; units write disjoint rows.
     """
@@ -39,12 +43,15 @@ class Blocks:
             raise ValueError("dropout > 0 needs a seed (an int) so the backward can regenerate "
                              "the mask; got seed=None. Fix: pass seed=draw_seed(generator, dev)")
         self.dropout, self.seed, self.offsets = dropout, seed, offsets
-        self.q2 = (q.to(self.ct) * scale).reshape(b, hkv, self.g, lq, d)
+        # q is scaled block by block (q_scaled), in cache, not as a whole new tensor.
+        self.q5, self.scale = q.reshape(b, hkv, self.g, lq, d), scale  # (B, Hkv, G, Lq, D)
         self.k2 = k.to(self.ct).reshape(b * hkv, lk, d)  # (B*Hkv, Lk, D)
         self.v2 = None if v is None else v.to(self.ct).reshape(b * hkv, lk, v.shape[-1])
         self.neg_inf = torch.full((), float("-inf"), dtype=self.ct, device=self.device)
         self.zero = torch.zeros((), dtype=self.ct, device=self.device)
         self._band_cache: dict[tuple[int, int, int], Tensor] = {}
+        self._views: dict[tuple, object] = {}  # kv_rows and kT views, per call
+        self.has_tensor_mask = mask.has_tensor
         self._local = threading.local()  # scratch buffers, one set per thread
 
     # -- the work, cut into units and shares --
@@ -91,12 +98,19 @@ class Blocks:
     # -- slicing --
     def buffer(self, name: str, n: int, rows: int, cols: int) -> Tensor:
         """A contiguous (n, rows, cols) scratch tensor in the compute dtype, reused."""
+        views = self._local.__dict__.setdefault("views", {})
+        view = views.get((name, n, rows, cols))  # the same few shapes come back every block
+        if view is not None:
+            return view
         bufs = self._local.__dict__.setdefault("bufs", {})
         size = n * rows * cols
         buf = bufs.get(name)
         if buf is None or buf.numel() < size:
             buf = bufs[name] = torch.empty(size, dtype=self.ct, device=self.device)
-        return buf[:size].view(n, rows, cols)
+            for key in [key for key in views if key[0] == name]:
+                del views[key]  # views of the old buffer
+        view = views[(name, n, rows, cols)] = buf[:size].view(n, rows, cols)
+        return view
 
     def q_rows(self, t: Tensor, grp, q0: int, q1: int) -> Tensor:
         """Rows q0:q1 of a (B, Hkv, G, Lq, X) tensor for the group: (n, G*bq, X)."""
@@ -104,12 +118,34 @@ class Blocks:
         n = (b1 - b0) * (h1 - h0)
         return t[b0:b1, h0:h1, :, q0:q1].reshape(n, self.g * (q1 - q0), t.shape[-1])
 
+    def q_scaled(self, grp, q0: int, q1: int) -> Tensor:
+        """Queries q0:q1 of the group times ``scale``, in the compute dtype: ``(n, G*bq,
+        D)`` in this thread's scratch buffer "q" (valid until its next call)."""
+        b0, b1, h0, h1 = grp
+        src = self.q5[b0:b1, h0:h1, :, q0:q1]  # (b, Hkv', G, bq, D)
+        buf = self.buffer("q", (b1 - b0) * (h1 - h0), self.g * (q1 - q0), src.shape[-1])
+        dst = buf.view(src.shape)
+        if src.dtype == self.ct:
+            torch.mul(src, self.scale, out=dst)
+        else:  # float16/bfloat16: converted first, then scaled in float32
+            dst.copy_(src).mul_(self.scale)
+        return buf
+
     def kv_rows(self, t: Tensor, grp, k0: int, k1: int) -> Tensor:
         """Keys k0:k1 of a (B*Hkv, Lk, X) tensor for the group: (n, bk, X)."""
+        # Every query block asks for the same views again: slicing them costs more than
+        # a small block's arithmetic, so they are made once per call. The cache holds
+        # ``t`` too, so its id cannot be reused by another tensor while this call lasts.
+        key = (id(t), grp, k0, k1)
+        hit = self._views.get(key)
+        if hit is not None:
+            return hit[1]
         b0, b1, h0, h1 = grp
         # A view (never a copy): the backward accumulates gradients into it in place.
-        return t.view(self.b, self.hkv, *t.shape[1:])[b0:b1, h0:h1, k0:k1].view(
+        view = t.view(self.b, self.hkv, *t.shape[1:])[b0:b1, h0:h1, k0:k1].view(
             (b1 - b0) * (h1 - h0), k1 - k0, t.shape[-1])
+        self._views[key] = (t, view)
+        return view
 
     def heads_view(self, s: Tensor, grp, rows: int) -> Tensor:
         """(n, G*bq, X) viewed as (b, Hq', bq, X), the layout of the masks."""
@@ -118,15 +154,20 @@ class Blocks:
 
     # -- one block --
     def scores(self, qb: Tensor, grp, q0: int, q1: int, k0: int, k1: int,
-               state: BlockState) -> Tensor:
-        """Masked scaled scores of the block: ``(n, G*bq, bk)``, ``-inf`` where hidden.
+               state: BlockState) -> tuple[Tensor, bool]:
+        """Masked scaled scores of the block: ``(n, G*bq, bk)``, ``-inf`` where hidden,
+        and whether a mask was applied (only then can a score be ``-inf`` or very low).
 
         ``qb (n, G*bq, D)`` holds the group's queries q0:q1 times ``scale``. The
         result lives in this thread's scratch buffer "s" until the next call.
         """
-        kb = self.kv_rows(self.k2, grp, k0, k1)  # (n, bk, D)
+        kt = self._views.get(("kT", grp, k0, k1))  # (n, D, bk)
+        if kt is None:
+            kt = self._views[("kT", grp, k0, k1)] = self.kv_rows(self.k2, grp, k0, k1).mT
         s = self.buffer("s", qb.shape[0], qb.shape[1], k1 - k0)  # (n, G*bq, bk)
-        torch.bmm(qb, kb.transpose(1, 2), out=s)
+        torch.bmm(qb, kt, out=s)
+        if state is BlockState.VISIBLE and not self.has_tensor_mask:
+            return s, False
         allowed, bias = self.block_mask(grp, q0, q1, k0, k1, state)
         if allowed is not None or bias is not None:
             s4 = self.heads_view(s, grp, q1 - q0)  # (b, Hq', bq, bk)
@@ -134,7 +175,20 @@ class Blocks:
                 s4.add_(bias)
             if allowed is not None:  # select, never multiply: NaN there cannot leak
                 torch.where(allowed, s4, self.neg_inf, out=s4)
-        return s
+            return s, True
+        return s, False
+
+    def exp_shifted_(self, s: Tensor, shift: Tensor, masked: bool) -> Tensor:
+        """``exp(s - shift)`` in place (``s (n, rows, bk)``, ``shift (n, rows, 1)``).
+
+        On CPU, PyTorch's ``exp`` takes a slow path (several times slower per element) on
+        arguments that underflow, as ``-inf`` for hidden keys does; ``exp2`` has no such
+        path, so masked blocks go through ``exp2(x * log2(e))``: 0 stays exactly 0.
+        """
+        s.sub_(shift)
+        if masked and self.device.type == "cpu":
+            return s.mul_(LOG2E).exp2_()
+        return s.exp_()
 
     def block_mask(self, grp, q0, q1, k0, k1, state) -> tuple[Tensor | None, Tensor | None]:
         """(allowed, bias) of the block for the group's batch rows and heads; None, None

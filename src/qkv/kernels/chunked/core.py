@@ -81,7 +81,13 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *
     run_shares(bl.shares(fixed=False), work)
     out = out.view(bl.b, bl.hq, bl.lq, dv)
     row_max, row_sum = row_max.view(bl.b, bl.hq, bl.lq), row_sum.view(bl.b, bl.hq, bl.lq)
-    seen = row_max != float("-inf")  # NaN counts as seen: it propagates
+    # Normalised here, once for all rows. A row that saw a visible key has row_sum >= 1
+    # (its max contributes exp(0)), or NaN (a NaN score propagates); one that saw none has
+    # row_sum 0, output 0 (even where hidden values hold NaN) and lse -inf.
+    seen = row_sum != 0  # (B, Hq, Lq)
+    hidden = ~seen
+    out.div_(torch.where(seen, row_sum, 1.0).unsqueeze(-1)).masked_fill_(hidden.unsqueeze(-1), 0.0)
+    row_max.masked_fill_(hidden, float("-inf"))
     if stats:
         return out, (row_max, torch.where(seen, 1.0 / row_sum, 0.0))
     return out, torch.where(seen, row_max + torch.log(row_sum), float("-inf"))
@@ -90,26 +96,30 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *
 def _forward_rows(bl: Blocks, grp, q0: int, q1: int) -> tuple[Tensor, Tensor, Tensor]:
     """The online softmax over every key block for queries q0:q1 of one head group.
 
-    Returns the normalised output ``(n, G*bq, Dv)``, the row max and the row's sum of
-    ``exp(score - max)`` (each ``(n, G*bq, 1)``; max ``-inf`` where the row sees no key).
+    Returns the unnormalised output ``(n, G*bq, Dv)`` (the sum of ``exp(score - max) *
+    value``), the row max and the row's sum of ``exp(score - max)`` (each ``(n, G*bq,
+    1)``; the sum is 0 where the row sees no key, and its max is then meaningless).
     """
-    qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D)
+    qb = bl.q_scaled(grp, q0, q1)  # (n, G*bq, D), q * scale
     n, rows = qb.shape[0], qb.shape[1]
     dv = bl.v2.shape[-1]
-    row_max = torch.full((n, rows, 1), float("-inf"), dtype=bl.ct, device=bl.device)
+    # The running max starts at the lowest finite value, not -inf: a row that has seen no
+    # visible key yet then shifts its -inf scores to exp(-inf) = 0 and rescales by
+    # exp(0) = 1 (its sums are 0), with no per-block test for -inf.
+    row_max = torch.full((n, rows, 1), torch.finfo(bl.ct).min, dtype=bl.ct, device=bl.device)
     row_sum = torch.zeros((n, rows, 1), dtype=bl.ct, device=bl.device)
-    acc = torch.zeros((n, rows, dv), dtype=bl.ct, device=bl.device)  # (n, G*bq, Dv)
+    # The caller copies acc out before this thread's next unit: a reused buffer stays in
+    # cache, where a fresh tensor would be written cold by the first product.
+    acc = bl.buffer("acc", n, rows, dv)  # (n, G*bq, Dv)
     first = True
     for k0, k1, state in bl.states(q0, q1):
-        s = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk), -inf = hidden
-        new_max = torch.maximum(row_max, s.amax(dim=-1, keepdim=True))  # (n, G*bq, 1)
-        # Rows that have seen no visible key yet keep max -inf: shift them by 0 instead.
-        shift = new_max.masked_fill(new_max == float("-inf"), 0.0)
-        p = s.sub_(shift).exp_()  # (n, G*bq, bk) unnormalised weights, 0 where hidden
+        p, masked = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk), -inf = hidden
+        new_max = torch.maximum(p.amax(dim=-1, keepdim=True), row_max)  # (n, G*bq, 1)
+        bl.exp_shifted_(p, new_max, masked)  # unnormalised weights, 0 where hidden
         if first:
             torch.sum(p, dim=-1, keepdim=True, out=row_sum)
         else:
-            rescale = (row_max - shift).exp_()  # (n, G*bq, 1); exp(-inf) = 0
+            rescale = row_max.sub_(new_max).exp_()  # (n, G*bq, 1), in row_max's storage
             row_sum.mul_(rescale).add_(p.sum(dim=-1, keepdim=True))
             acc.mul_(rescale)
         if bl.dropout > 0:  # the sum above normalises; the values get the dropped weights
@@ -121,10 +131,9 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int) -> tuple[Tensor, Tensor, Te
             acc.baddbmm_(p, vb)
         row_max = new_max
         first = False
-    # False: the row saw no key. A NaN score makes the max NaN: seen, so NaN propagates.
-    seen = row_max != float("-inf")  # (n, G*bq, 1)
-    out = torch.where(seen, acc / torch.where(seen, row_sum, 1.0), 0.0)  # (n, G*bq, Dv)
-    return out, row_max, row_sum
+    if first:  # no key block at all: nothing seen
+        acc.zero_()
+    return acc, row_max, row_sum
 
 
 # ---- weights -------------------------------------------------------------------------------------
@@ -155,12 +164,12 @@ def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float,
     def work(_: int, share: list) -> None:
         for grp, q0, q1 in share:
             b0, b1, h0, h1 = grp
-            qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D)
+            qb = bl.q_scaled(grp, q0, q1)  # (n, G*bq, D), q * scale
             mb = bl.q_rows(max5, grp, q0, q1)  # (n, G*bq, 1)
             ib = bl.q_rows(inv5, grp, q0, q1)  # (n, G*bq, 1)
             for k0, k1, state in bl.states(q0, q1):
-                s = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk)
-                p = s.sub_(mb).exp_().mul_(ib)  # (n, G*bq, bk)
+                s, masked = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk)
+                p = bl.exp_shifted_(s, mb, masked).mul_(ib)  # (n, G*bq, bk)
                 if bl.dropout > 0:
                     bl.drop_(p, grp, q0, q1, k0, k1)
                 dst = out5[b0:b1, h0:h1, :, q0:q1, k0:k1]  # (b, Hkv', G, bq, bk)
@@ -244,7 +253,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor,
         dv.add_(dvs[i])
         if dbs is not None:
             dbias.add_(dbs[i])
-    dq.mul_(scale)  # q2 carried the scale already: dk = dS^T q2 = scale * dS^T q
+    dq.mul_(scale)  # qb carried the scale already: dk = dS^T qb = scale * dS^T q
     return dq.view(b, bl.hq, lq, d), dk.view(b, hkv, lk, d), dv.view(b, hkv, lk, dv_)
 
 
@@ -254,7 +263,7 @@ def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor],
     """Gradients from queries q0:q1 of one head group: adds into ``dk``, ``dv`` (and
     ``dbias``), returns this block's unscaled ``dq (n, G*bq, D)`` (None: it sees no key)."""
     b0, b1, h0, h1 = grp
-    qb = bl.q_rows(bl.q2, grp, q0, q1)  # (n, G*bq, D), q * scale
+    qb = bl.q_scaled(grp, q0, q1)  # (n, G*bq, D), q * scale
     dob = bl.q_rows(rows["do"], grp, q0, q1)  # (n, G*bq, Dv)
     mb = bl.q_rows(rows["max"], grp, q0, q1)  # (n, G*bq, 1)
     db = bl.q_rows(rows["delta"], grp, q0, q1)  # (n, G*bq, 1)
@@ -262,7 +271,8 @@ def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor],
     for k0, k1, state in bl.states(q0, q1):
         kb = bl.kv_rows(bl.k2, grp, k0, k1)  # (n, bk, D)
         vb = bl.kv_rows(bl.v2, grp, k0, k1)  # (n, bk, Dv)
-        p = bl.scores(qb, grp, q0, q1, k0, k1, state).sub_(mb).exp_()  # (n, G*bq, bk)
+        s, masked = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk)
+        p = bl.exp_shifted_(s, mb, masked)  # (n, G*bq, bk) weights / inv_sum
         dp = bl.buffer("dp", *p.shape)  # (n, G*bq, bk)
         torch.bmm(dob, vb.transpose(1, 2), out=dp)  # gradient of the applied weights
         if dw5 is not None:
