@@ -46,7 +46,7 @@ try:  # torch >= 2.3: run SDPA with one chosen kernel (the NaN probe asks each C
     from torch.nn.attention import sdpa_kernel as _sdpa_kernel
 
     _CPU_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
-except ImportError:  # no way to ask each kernel: every call keeps the NaN fix-up
+except ImportError:  # no way to ask each kernel: every call keeps the NaN/inf check
     _sdpa_kernel, _CPU_KERNELS = None, ()
 
 
@@ -124,7 +124,7 @@ class TorchSDPABackend(Backend):
 
         ``any_keys=True``: ``f`` also serves calls that differ only in the number of keys
         (and of queries, for square causal), as a growing KV cache makes; it then decides
-        the NaN fix-up once per key count."""
+        the NaN/inf check once per key count."""
         m = call.mask
         if call.dropout != 0.0 or call.lq == 0 or call.lk == 0:
             return None
@@ -212,7 +212,7 @@ def _probe(kw: tuple, dtype, device, groups: int, lq: int, lk: int, d: int, dv: 
                         continue
                     if not bool(out.detach().isnan().all()):  # (4, groups, lq, dv)
                         return True
-    except RuntimeError:  # keep the fix-up when in doubt
+    except RuntimeError:  # keep the check when in doubt
         return True
     return False
 
