@@ -223,7 +223,7 @@ def _plan_of(q, k, v, **kw):
 
 def _is_runner(run) -> bool:
     """The plan is the torch backend's precomputed runner (SDPA itself, SDPA with options
-    fixed, or either with the NaN fix-up), not the generic one that builds a Call."""
+    fixed, or either with the NaN/inf check), not the generic one that builds a Call."""
     return not getattr(run, "__qualname__", "").startswith("_remember.")
 
 
@@ -393,8 +393,8 @@ def _sdpa_drops(q, k, v, causal) -> bool:
 
 
 def test_sdpa_drops_nan_where_the_plan_keeps_the_fix_up():
-    # The reason for the fix-up, and what the tests above would catch without it: on this
-    # PyTorch, SDPA drops NaN for these signatures, and the plan of each keeps the fix-up;
+    # The reason for the check, and what the tests above would catch without it: on this
+    # PyTorch, SDPA drops NaN for these signatures, and the plan of each keeps the check;
     # it runs SDPA bare only where SDPA propagates NaN by itself.
     be = kernels.get("torch")
     dropped = 0
@@ -412,13 +412,13 @@ def test_sdpa_drops_nan_where_the_plan_keeps_the_fix_up():
             call, _ = functional.prepare_call(*clean, causal=causal)
             assert be.plain_runner(call) is not None
     # One key (Lk=1) is shorter than any SIMD vector: if SDPA stopped dropping NaN there,
-    # the fix-up would no longer be exercised by these tests; revisit them.
+    # the check would no longer be exercised by these tests; revisit them.
     assert dropped >= len(_NAN_DTYPES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_runner_propagates_nan_for_every_key_count(dtype):
-    # The decoding step's runner serves a growing cache (Lk = 1, 2, ...): the fix-up is
+    # The decoding step's runner serves a growing cache (Lk = 1, 2, ...): the check is
     # decided per key count.
     be = kernels.get("torch")
     q0, k0, v0 = rand_qkv(1, 4, 2, 1, 1, 16, dtype=dtype, seed=2)
