@@ -220,7 +220,7 @@ def _probe(kw: tuple, dtype, device, groups: int, lq: int, lk: int, d: int, dv: 
 def _finite(t: Tensor) -> bool:
     """Whether ``t`` holds no NaN or inf, by one reduction (a sum that overflows says no:
     that call only takes the exact path)."""
-    return t.numel() == 0 or math.isfinite(t.detach().sum())
+    return t.numel() == 0 or math.isfinite(t.sum())  # no detach: item() needs none
 
 
 @functools.cache
