@@ -220,7 +220,9 @@ def _probe(kw: tuple, dtype, device, groups: int, lq: int, lk: int, d: int, dv: 
 def _finite(t: Tensor) -> bool:
     """Whether ``t`` holds no NaN or inf, by one reduction (a sum that overflows says no:
     that call only takes the exact path)."""
-    return t.numel() == 0 or math.isfinite(t.sum())  # no detach: item() needs none
+    if t.requires_grad:  # (detach costs a tensor: only where a graph would be built)
+        t = t.detach()
+    return t.numel() == 0 or math.isfinite(t.sum())
 
 
 @functools.cache
