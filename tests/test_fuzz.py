@@ -16,6 +16,9 @@ scale, plants NaN in keys hidden from every query, and checks every CPU backend 
 A backend that cannot do a call must say so with a ValueError naming the option; the case
 is then skipped for that backend, explicitly (the message is checked), never passed.
 
+A second test plants NaN/inf in one query and one key element of half as many drawn calls
+and checks the forward's NaN pattern and values, weights included.
+
 CI runs ``QKV_FUZZ_CASES`` cases (default 200) from ``QKV_FUZZ_SEED`` (default 0); a longer
 run is one command: ``QKV_FUZZ_CASES=5000 pytest tests/test_fuzz.py``.
 """
@@ -226,3 +229,52 @@ def test_fuzz_valid_calls(case):
                        + factor * extra[i])
             assert err <= tol, f"{backend} {name}: error {err:.3e} > {tol:.3e} (case {c})"
     assert "reference" not in refused and "chunked" not in refused, refused
+
+
+NON_FINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the oracle
+@pytest.mark.parametrize("case", range(CASES // 2))
+def test_fuzz_non_finite_queries_and_keys(case):
+    """NaN/inf planted in one query element and one key element of a valid call: every
+    backend gives the oracle's NaN pattern (a NaN or +inf score makes its row NaN, a -inf
+    score hides its key, a key hidden from a query never reaches its row) and, elsewhere,
+    the oracle's values. Forward only: gradients of such rows are undefined."""
+    c = _draw(case)
+    q, k, v = _inputs(c)
+    rnd = random.Random(SEED * 31 + case)
+    for t in (q, k):
+        if t.numel():
+            flat = t.view(-1)
+            flat[rnd.randrange(flat.numel())] = rnd.choice(NON_FINITE)
+    m64 = None if c["mask"] is None else (c["mask"] if c["mask"].dtype == torch.bool
+                                          else c["mask"].double())
+    want_out, want_w = oracle(q, k, v, mask=m64, causal=c["causal"], window=c["window"],
+                              scale=c["scale"])
+    kw = dict(mask=c["mask"], causal=c["causal"], window=c["window"], scale=c["scale"],
+              return_weights=c["return_weights"])
+    if c["dtype"] in LOWP:
+        b_out, b_w = _baseline(q, k, v, c)
+    for backend in ["auto", *CPU_BACKENDS]:
+        try:
+            res = qkv.attention(q, k, v, backend=backend, **kw)
+        except ValueError as e:
+            assert backend == "torch" and "return_weights" in str(e), str(e)
+            continue
+        out, w = res if c["return_weights"] else (res, None)
+        pairs = [("out", out, want_out)] + ([("weights", w, want_w)] if w is not None else [])
+        for name, a, b in pairs:
+            assert torch.equal(a.isnan(), b.isnan()), (
+                f"{backend} {name}: NaN at {a.isnan().nonzero().tolist()[:4]}, oracle at "
+                f"{b.isnan().nonzero().tolist()[:4]} (case {c})")
+            ok = ~b.isnan()
+            if not ok.any():
+                continue
+            err = max_err(a[ok], b[ok])
+            if c["dtype"] == torch.float64:
+                tol = _tol64(c)
+            else:  # the baseline's rows that the oracle makes NaN are not compared
+                base = b_out if name == "out" else b_w
+                tol = 2.0 * max_err(base[ok], b[ok]) + 1e-5 + _rounding(b[ok], q.dtype)
+            assert err <= tol, f"{backend} {name}: error {err:.3e} > {tol:.3e} (case {c})"

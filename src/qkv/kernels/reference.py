@@ -58,10 +58,15 @@ def masked_softmax(x: Tensor, allowed: Tensor | None) -> Tensor:
     if x.shape[-1] == 0:
         return x.clone()
     m = x.amax(dim=-1, keepdim=True).detach()  # (..., 1) row max, for stability
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully hidden row: -inf
-    e = torch.exp(x - m)  # (..., L) exp(-inf) = 0 where hidden
-    s = e.sum(dim=-1, keepdim=True)  # (..., 1)
-    return e / torch.where(s > 0, s, torch.ones_like(s))
+    # A fully hidden row has max -inf: shift by 0 instead. A NaN or +inf max stays: its
+    # row's weights are all NaN, as the oracle's (exp(x - NaN), or exp(inf - inf)).
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    # Hidden entries are selected to 0 (exp(-inf - NaN) and 0 / NaN would be NaN in a row
+    # with a NaN or +inf score).
+    hidden = x == float("-inf")  # (..., L)
+    e = torch.where(hidden, 0.0, torch.exp(x - m))  # (..., L)
+    s = e.sum(dim=-1, keepdim=True)  # (..., 1) 0 only for a fully hidden row
+    return torch.where(hidden, 0.0, e / torch.where(s == 0, torch.ones_like(s), s))
 
 
 def dropout_weights(w: Tensor, p: float, generator: torch.Generator | None) -> Tensor:

@@ -160,6 +160,9 @@ def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float,
     inv5 = inv_sum.view(bl.b, bl.hkv, bl.g, bl.lq, 1)
     out.zero_()  # blocks the band hides stay 0
     out5 = out.view(bl.b, bl.hkv, bl.g, bl.lq, bl.lk)
+    # A row with a NaN or +inf score has a NaN or +inf max (or a NaN sum): its visible
+    # weights are all NaN, and its hidden ones must still be 0, not exp(-inf - NaN).
+    nan_rows = not bool(torch.isfinite(row_max).all() and torch.isfinite(inv_sum).all())
 
     def work(_: int, share: list) -> None:
         for grp, q0, q1 in share:
@@ -169,7 +172,10 @@ def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float,
             ib = bl.q_rows(inv5, grp, q0, q1)  # (n, G*bq, 1)
             for k0, k1, state in bl.states(q0, q1):
                 s, masked = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk)
+                hidden = s == float("-inf") if nan_rows else None  # (n, G*bq, bk)
                 p = bl.exp_shifted_(s, mb, masked).mul_(ib)  # (n, G*bq, bk)
+                if hidden is not None:
+                    p.masked_fill_(hidden, 0.0)
                 if bl.dropout > 0:
                     bl.drop_(p, grp, q0, q1, k0, k1)
                 dst = out5[b0:b1, h0:h1, :, q0:q1, k0:k1]  # (b, Hkv', G, bq, bk)
