@@ -102,6 +102,23 @@ def test_key_lengths(lengths, causal):
         assert (out[lengths.index(0)] == 0).all()
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN arithmetic in the interpreter
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_in_queries_and_keys_follow_the_oracle(value):
+    """Before: a row with a NaN or +inf score had output 0 (its sum counted as "no key
+    seen"). Now its output and its visible weights are NaN; a -inf score hides its key."""
+    for dtype, kw in [(torch.float16, {"causal": True}), (torch.float32, {"window": (3, 1)})]:
+        q, k, v = rand_qkv(1, 2, 1, 9, 13, 16, dtype=dtype, seed=4)
+        k[0, 0, 5, 2] = value  # keys of kv head 0: seen by some rows of both query heads
+        q[0, 1, 6, 3] = value
+        out, w = qkv.attention(q, k, v, backend="triton", return_weights=True, **kw)
+        want, want_w = oracle(q, k, v, **kw)
+        assert want.isnan().any() or value == float("-inf")
+        assert torch.equal(out.isnan(), want.isnan()), kw
+        assert torch.equal(w.isnan(), want_w.isnan()), kw
+        ok = ~want.isnan()
+        assert_lowp_rule(out[ok], want[ok], lowp_baseline(q, k, v, **kw)[ok])
+
 def test_padded_keys_are_never_read():
     """The backend claims handles_hidden_keys: NaN stored in padding must not leak."""
     q, k, v = rand_qkv(B, HQ, HKV, LQ, LK, 16, dtype=torch.float16)

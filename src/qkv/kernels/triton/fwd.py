@@ -128,7 +128,9 @@ def _fwd_kernel(Q, K, V, O, LSE, LENGTHS,
                                 OFF, LEFT, RIGHT, HEAD_DK, HEAD_DV, BLOCK_DK, BLOCK_DV,
                                 BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
-    seen = l_i > 0.0  # False for a row that sees no key: output 0, lse -inf
+    # False only for a row that sees no key (output 0, lse -inf); a NaN sum (a NaN or +inf
+    # score) is True, so that row's output and lse are NaN, as on every backend.
+    seen = l_i != 0.0
     out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     tl.store(LSE + offs_m, lse, mask=offs_m < LQ)

@@ -53,10 +53,13 @@ def _weights_kernel(Q, K, LSE, W, LENGTHS,
                   kv_len - n0, HEAD_DK, BLOCK_DK, True)  # (BLOCK_N, BLOCK_DK)
     lse = load_lse(LSE + pid_bh.to(tl.int64) * LQ, offs_m, LQ)  # (BLOCK_M,)
     s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
-    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    t = s * qk_scale  # (BLOCK_M, BLOCK_N) scaled scores, log2 units
+    p = tl.math.exp2(t - lse[:, None])
     ok = visible(offs_m[:, None], offs_n[None, :], kv_len, OFF, LEFT, RIGHT,
                  HAS_LEFT, HAS_RIGHT)
-    p = tl.where(ok, p, 0.0)
+    # A -inf score hides its key like the mask: weight 0, even in a row whose lse is NaN
+    # (a NaN or +inf score elsewhere in it), where exp2(-inf - NaN) would be NaN.
+    p = tl.where(ok & (t != float("-inf")), p, 0.0)
     # The tile's corner in 64 bits (m0 * Lk passes 2**31 for large maps), then small offsets.
     W += (b.to(tl.int64) * stride_wz + h.to(tl.int64) * stride_wh
           + m0.to(tl.int64) * stride_wm + n0.to(tl.int64) * stride_wn)
