@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
-__all__ = ["exit_interrupted", "sigint_held"]
+__all__ = ["exit_interrupted", "ignore_further_interrupts", "sigint_held"]
 
 
 @contextmanager
@@ -40,10 +40,16 @@ def sigint_held() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def ignore_further_interrupts() -> None:
+    """From here on the process only exits: a Ctrl-C more (a second press, or one the
+    training run already acted on) must not raise KeyboardInterrupt in exit handlers."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def exit_interrupted() -> NoReturn:
     """Print ``qkv: interrupted`` and exit with code 130, for certain."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # another Ctrl-C cannot break the exit
+    ignore_further_interrupts()  # another Ctrl-C cannot break the exit
     print("qkv: interrupted", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

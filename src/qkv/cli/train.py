@@ -155,6 +155,9 @@ def train_command(
     if result is None:  # one of torchrun's other ranks
         return
     if result.interrupted:
+        from .interrupt import ignore_further_interrupts
+
+        ignore_further_interrupts()  # the run has stopped; only the exit is left
         console.print(f"interrupted at step {result.step}: checkpoint saved in {run_dir}; "
                       f"continue with: qkv train {task} --out {run_dir} --resume")
         sys.exit(130)
