@@ -111,7 +111,7 @@ def row_decode(args):
         return lambda: model.greedy(src, max_len=n, use_cache=use_cache, stop_at_eos=False)
 
     with torch.inference_mode():
-        return interleaved(run(True), run(False), rounds=max(3, args.rounds // 3), inner=1)
+        return interleaved(run(True), run(False), rounds=max(3, args.rounds), inner=1)
 
 
 class TorchSeq2Seq(nn.Module):
