@@ -46,9 +46,10 @@ def _print_version(value: bool) -> None:
     if value:
         import platform
 
-        import torch
-
         from .. import __version__
+        from .interrupt import import_torch
+
+        torch = import_torch()
 
         typer.echo(f"qkv {__version__} (torch {torch.__version__}, Python "
                    f"{platform.python_version()})")

@@ -76,9 +76,11 @@ def _finite(x):
 
 
 def _single(query, keys, values) -> dict:
-    import torch
-
     import qkv
+
+    from .interrupt import import_torch
+
+    torch = import_torch()
 
     q = torch.tensor(query, dtype=torch.float64)[None]  # (1, Lq, D)
     k = torch.tensor(keys, dtype=torch.float64)[None]  # (1, Lk, D)
@@ -93,9 +95,11 @@ def _single(query, keys, values) -> dict:
 
 
 def _multi_head(words_text: str, heads: int, head_dim: int, seed: int) -> dict:
-    import torch
-
     import qkv
+
+    from .interrupt import import_torch
+
+    torch = import_torch()
 
     words = words_text.split()
     if not words:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
-__all__ = ["exit_interrupted", "ignore_further_interrupts", "sigint_held"]
+__all__ = ["exit_interrupted", "ignore_further_interrupts", "import_torch", "sigint_held"]
 
 
 @contextmanager
@@ -38,6 +38,14 @@ def sigint_held() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if came:
         raise KeyboardInterrupt
+
+
+def import_torch():
+    """``import torch`` with Ctrl-C held until the import ends (see :func:`sigint_held`):
+    how every command first imports it."""
+    with sigint_held():
+        import torch
+    return torch
 
 
 def ignore_further_interrupts() -> None:

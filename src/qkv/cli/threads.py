@@ -37,10 +37,9 @@ def torch_threads(threads: int | None) -> Iterator[int]:
     """Run the body with torch on ``threads`` threads (default :data:`DEFAULT_THREADS`),
     then restore the caller's count: a command called in-process (tests, notebooks) leaves
     torch as it found it."""
-    from .interrupt import sigint_held
+    from .interrupt import import_torch
 
-    with sigint_held():  # Ctrl-C waits for the end of torch's import (see sigint_held)
-        import torch
+    torch = import_torch()  # Ctrl-C waits for the end of torch's import (see sigint_held)
 
     n = check_threads(threads)
     saved = torch.get_num_threads()
