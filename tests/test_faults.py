@@ -260,6 +260,18 @@ def _launch(out: Path, *extra: str) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def _finish(proc: subprocess.Popen, workers: list[int], timeout: float) -> str:
+    """The launcher's output once it exits; its processes are killed afterwards whatever
+    the outcome, so that a failing test leaves none behind."""
+    try:
+        text, _ = proc.communicate(timeout=timeout)
+    finally:
+        for w in workers:
+            if _running(w):
+                os.kill(w, signal.SIGKILL)
+    return text
+
+
 def _children(pid: int) -> list[int]:
     kids = []
     for d in Path("/proc").iterdir():
@@ -331,12 +343,7 @@ def test_sigint_to_the_launcher_alone_stops_the_run_like_ctrl_c(tmp_path):
     proc = _launch(out, "--nproc", "2", "--steps", "100000", "--checkpoint-every", "5")
     workers = _wait_for_training(proc, out)
     proc.send_signal(signal.SIGINT)
-    try:
-        text, _ = proc.communicate(timeout=120)
-    finally:
-        for w in workers:
-            if _running(w):
-                os.kill(w, signal.SIGKILL)
+    text = _finish(proc, workers, 120)
     assert proc.returncode == 130, text
     assert "Traceback" not in text and "interrupted at step" in text, text
     step = load_run(out).step
@@ -396,12 +403,7 @@ def test_a_second_sigint_to_the_launcher_stops_at_once(tmp_path):
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)  # two signals sent at once would arrive as one
     proc.send_signal(signal.SIGINT)
-    try:
-        text, _ = proc.communicate(timeout=60)
-    finally:
-        for w in workers:
-            if _running(w):
-                os.kill(w, signal.SIGKILL)
+    text = _finish(proc, workers, 60)
     assert proc.returncode == 130, text
     assert "Traceback" not in text and "interrupted" in text, text
     assert not (out / ckpt.LOCK).exists()

@@ -4,10 +4,17 @@ that shows an alignment (``translate``, ``summarize``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 MAP_FILES = (".png", ".svg", ".html", ".htm")
+
+# The options that pick what of a decoder's cross-attention is shown.
+LayerOption = Annotated[int | None, typer.Option(
+    help="Decoder layer to show (default: the last).", show_default=False)]
+HeadOption = Annotated[int | None, typer.Option(
+    help="Head to show (default: every head).", show_default=False)]
 
 
 def check_map_file(output: Path | None) -> None:

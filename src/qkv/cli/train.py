@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .map_files import check_map_file, save_map_file
+from .map_files import HeadOption, LayerOption, check_map_file, save_map_file
 from .threads import threads_option, uses_threads
 
 # Defaults of the model/optimiser options; None in the signatures means "not given", so
@@ -189,10 +189,8 @@ def translate_command(
         "characters, columns = input characters).")] = False,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write the alignment to FILE: .png, .svg or .html.")] = None,
-    layer: Annotated[int | None, typer.Option(
-        help="Decoder layer to show (default: the last).", show_default=False)] = None,
-    head: Annotated[int | None, typer.Option(
-        help="Head to show (default: every head).", show_default=False)] = None,
+    layer: LayerOption = None,
+    head: HeadOption = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     threads: Annotated[int | None, threads_option()] = None,
 ) -> None:

@@ -305,6 +305,25 @@ class Transformer(nn.Module):
             return self.decode(tokens[:, -1:], memory, mask, state=state)[0][:, -1]
         return self.decode(tokens, memory, mask)[0][:, -1]  # recompute the whole prefix
 
+    def _stepper(self, memory: Tensor, mask: Tensor | None, state: DecodeState | None,
+                 max_len: int):
+        """A function ``tokens (B, T) -> logits (B, V)`` of the next token for a decode of up
+        to ``max_len`` steps: the first step runs the modules (filling the caches), later
+        ones a :class:`LeanStep` where it applies (see its module), else the modules."""
+        lean = None
+
+        def step(tokens: Tensor) -> Tensor:
+            nonlocal lean
+            if lean is not None and not lean.bypassed():
+                return lean(tokens[:, -1:])  # (B, V)
+            first = state is not None and state.length == 0
+            logits = self._step_logits(tokens, memory, mask, state)  # (B, V)
+            if first:
+                lean = LeanStep.build(self, state, max_len,
+                                      stock=(Transformer, DecoderLayer, FeedForward))
+            return logits
+        return step
+
     def _check_decode_args(self, src: Tensor, max_len: int) -> None:
         self._check_ids("src", src)
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
@@ -328,15 +347,9 @@ class Transformer(nn.Module):
         b = src.shape[0]
         tokens = torch.full((b, 1), cfg.bos_id, dtype=torch.long, device=src.device)  # (B, 1)
         done = torch.zeros(b, dtype=torch.bool, device=src.device)  # (B,)
-        lean = None  # after the first step has filled the caches: LeanStep, when it applies
-        for i in range(max_len):
-            if lean is not None and not lean.bypassed():
-                logits = lean(tokens[:, -1:])  # (B, V)
-            else:
-                logits = self._step_logits(tokens, memory, mask, state)  # (B, V)
-                if i == 0 and state is not None:
-                    lean = LeanStep.build(self, state, max_len,
-                                          stock=(Transformer, DecoderLayer, FeedForward))
+        step = self._stepper(memory, mask, state, max_len)
+        for _ in range(max_len):
+            logits = step(tokens)  # (B, V)
             nxt = logits.argmax(dim=-1)  # (B,)
             if stop_at_eos:
                 nxt = torch.where(done, torch.full_like(nxt, cfg.pad_id), nxt)
@@ -392,15 +405,9 @@ class Transformer(nn.Module):
         frozen = torch.full((cfg.vocab_size,), float("-inf"), device=dev)  # (V,)
         frozen[cfg.pad_id] = 0.0
         v = cfg.vocab_size
-        lean = None  # after the first step has filled the caches: LeanStep, when it applies
-        for i in range(max_len):
-            if lean is not None and not lean.bypassed():
-                logits = lean(tokens[:, -1:])  # (BK, V)
-            else:
-                logits = self._step_logits(tokens, memory, mask, state)  # (BK, V)
-                if i == 0 and state is not None:
-                    lean = LeanStep.build(self, state, max_len,
-                                          stock=(Transformer, DecoderLayer, FeedForward))
+        step = self._stepper(memory, mask, state, max_len)
+        for _ in range(max_len):
+            logits = step(tokens)  # (BK, V)
             logp = torch.log_softmax(logits.float(), dim=-1)  # (BK, V)
             if no_repeat_ngram:
                 _ban_repeats(logp, tokens[:, 1:], no_repeat_ngram)

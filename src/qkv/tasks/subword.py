@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .tokenizer import BOS, EOS, PAD, SPECIALS
+from .tokenizer import BOS, EOS, PAD, SPECIALS, check_description
 
 __all__ = ["SubwordTokenizer"]
 
@@ -131,15 +131,9 @@ class SubwordTokenizer:
     def from_dict(cls, d: dict) -> SubwordTokenizer:
         from tokenizers import Tokenizer
 
-        if not isinstance(d, dict) or d.get("type") != "bpe" or not isinstance(
-            d.get("json"), str
-        ):
-            raise ValueError("not a subword tokenizer description: expected "
-                             "{'type': 'bpe', 'json': '...'}")
-        if list(d.get("specials", SPECIALS)) != list(SPECIALS):
-            raise ValueError(f"tokenizer specials {d.get('specials')} differ from {list(SPECIALS)}")
+        text = check_description(d, "bpe", "json", "subword")
         try:
-            tok = Tokenizer.from_str(d["json"])
+            tok = Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises its own Exception type
             raise ValueError(f"the saved subword tokenizer does not load: {e}") from None
         return cls(tok)

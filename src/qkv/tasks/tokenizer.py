@@ -107,11 +107,16 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, d: dict) -> CharTokenizer:
-        if not isinstance(d, dict) or d.get("type") != "char" or not isinstance(
-            d.get("chars"), str
-        ):
-            raise ValueError("not a character tokenizer description: expected "
-                             "{'type': 'char', 'chars': '...'}")
-        if list(d.get("specials", SPECIALS)) != list(SPECIALS):
-            raise ValueError(f"tokenizer specials {d.get('specials')} differ from {list(SPECIALS)}")
-        return cls(d["chars"])
+        return cls(check_description(d, "char", "chars", "character"))
+
+
+def check_description(d, kind: str, field: str, what: str) -> str:
+    """The string ``d[field]`` of a saved tokenizer description ``{"type": kind, field:
+    "...", "specials": [...]}``, after checking its type and that its special tokens are
+    qkv's; ValueError otherwise (``what`` names the tokenizer in the message)."""
+    if not isinstance(d, dict) or d.get("type") != kind or not isinstance(d.get(field), str):
+        raise ValueError(f"not a {what} tokenizer description: expected "
+                         f"{{'type': '{kind}', '{field}': '...'}}")
+    if list(d.get("specials", SPECIALS)) != list(SPECIALS):
+        raise ValueError(f"tokenizer specials {d.get('specials')} differ from {list(SPECIALS)}")
+    return d[field]
