@@ -149,7 +149,9 @@ def _error_of(fn):
 def ring_run(request):
     world = request.param
     cases = _cases(world)
-    reports = run_ranks(_ring_worker, world, cases, timeout=150)
+    # spawn, not fork: this pytest process holds threads (browsers, kernels, pools) whose
+    # locks a forked child could inherit held; one 4-rank run hung so before any rank met.
+    reports = run_ranks(_ring_worker, world, cases, timeout=150, start_method="spawn")
     return world, cases, reports
 
 
