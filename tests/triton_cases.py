@@ -6,6 +6,13 @@ DESIGN.md: at most 2x (outputs, weights) or 3x (gradients) the error of the same
 computation done plainly in the input dtype, + 1e-5. The interpreter cannot compute with
 bfloat16 (Triton stores it as raw uint16 there and ``tl.dot`` multiplies the bit patterns),
 so float16 and float32 are tested here and bfloat16 by ``benchmarks/gpu.py`` on a GPU.
+
+On a CUDA machine the same cases run compiled, on CUDA tensors, with bfloat16 added::
+
+    QKV_TRITON_DEVICE=cuda python -m pytest tests/triton_cases.py -o addopts= -n 8
+
+There float32 matmuls run in TF32, as the kernels do, so the baseline of the rule is
+computed in TF32 too.
 """
 
 import os
@@ -14,7 +21,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
+if os.environ.get("QKV_TRITON_DEVICE") != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run by tests/test_triton.py in a process started with TRITON_INTERPRET=1",
                 allow_module_level=True)
 
@@ -28,11 +35,34 @@ from qkv.kernels.triton import (
 )
 from qkv.kernels.triton.ops import triton_attention
 
-from helpers import assert_lowp_rule, lowp_baseline, oracle, rand_qkv
+from helpers import assert_lowp_rule, lowp_baseline
+from helpers import oracle as _oracle
+from helpers import rand_qkv as _rand_qkv
+
+CUDA = os.environ.get("QKV_TRITON_DEVICE") == "cuda"
+if CUDA and not torch.cuda.is_available():
+    pytest.fail("QKV_TRITON_DEVICE=cuda, but torch sees no CUDA device", pytrace=False)
+DEVICE = "cuda" if CUDA else "cpu"
+if CUDA:  # the kernels' float32 dots are TF32: so is the baseline they are judged against
+    torch.backends.cuda.matmul.allow_tf32 = True
 
 B, HQ, HKV, LQ, LK = 2, 4, 2, 37, 53
+#: bfloat16 only where the kernels are compiled (see the module docstring)
+LOW = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
 
 
+def rand_qkv(*args, requires_grad=False, **kw):
+    """helpers.rand_qkv on this run's device (the same numbers on CPU and CUDA)."""
+    return tuple(t.to(DEVICE).requires_grad_(requires_grad)
+                 for t in _rand_qkv(*args, **kw))
+
+
+def oracle(*args, **kw):
+    """The float64 NumPy oracle's (out, weights), on this run's device."""
+    return tuple(t.to(DEVICE) for t in _oracle(*args, **kw))
+
+
+@pytest.mark.skipif(CUDA, reason="compiled for the GPU in this run")
 def test_kernels_run_in_the_interpreter():
     import triton.language.standard as tl_standard
     from triton.runtime.interpreter import InterpretedFunction
@@ -49,7 +79,7 @@ def check(q, k, v, *, grads=True, seed=11, **kw):
     assert_lowp_rule(out, want, lowp_baseline(q, k, v, **kw))
     if not grads:
         return out
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(q)
     got = torch.autograd.grad(out, (q, k, v), dout)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     want = torch.autograd.grad(qkv.attention(q64, k64, v64, backend="reference", **kw),
@@ -62,12 +92,13 @@ def check(q, k, v, *, grads=True, seed=11, **kw):
 
 
 def lengths_mask(lengths, lk=LK):
-    return qkv.padding_mask(torch.tensor(lengths), lk)  # (B, 1, 1, Lk)
+    return qkv.padding_mask(torch.tensor(lengths, device=DEVICE), lk)  # (B, 1, 1, Lk)
 
 
+@pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("d,dv", [(16, 16), (40, 24), (64, 64)])
-def test_forward_backward_head_dims(d, dv):
-    check(*rand_qkv(B, HQ, HKV, LQ, LK, d, dv, dtype=torch.float16, requires_grad=True))
+def test_forward_backward_head_dims(d, dv, dtype):
+    check(*rand_qkv(B, HQ, HKV, LQ, LK, d, dv, dtype=dtype, requires_grad=True))
 
 
 @pytest.mark.parametrize("lq,lk", [(37, 53), (53, 37)])
@@ -182,11 +213,10 @@ def test_strided_inputs_and_gradient():
     """(B, L, H, D) tensors viewed as (B, H, L, D), and a non-contiguous output gradient
     (flash-attention #355)."""
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(B, LQ, HQ, 40, generator=g).half().transpose(1, 2).requires_grad_()
-    k = torch.randn(B, LK, HKV, 40, generator=g).half().transpose(1, 2).requires_grad_()
-    v = torch.randn(B, LK, HKV, 40, generator=g).half().transpose(1, 2).requires_grad_()
+    q, k, v = (torch.randn(B, n, h, 40, generator=g).to(DEVICE, torch.float16)
+               .transpose(1, 2).requires_grad_() for n, h in ((LQ, HQ), (LK, HKV), (LK, HKV)))
     out = qkv.attention(q, k, v, causal=True, backend="triton")
-    dout = torch.randn(B, LQ, HQ, 40, generator=g).half().transpose(1, 2)  # non-contiguous
+    dout = torch.randn(B, LQ, HQ, 40, generator=g).to(q).transpose(1, 2)  # non-contiguous
     got = torch.autograd.grad(out, (q, k, v), dout)
     want = torch.autograd.grad(
         qkv.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True,
@@ -240,20 +270,22 @@ def test_torch_compile_has_no_graph_break():
 
 
 def test_plain_function_returns_the_log_sum_exp():
-    q, k, v = rand_qkv(1, 2, 2, 5, 7, 16, dtype=torch.float32)
+    # float16 on a GPU, whose float32 dots are TF32: the products are then exact there too
+    q, k, v = rand_qkv(1, 2, 2, 5, 7, 16, dtype=torch.float16 if CUDA else torch.float32)
     _out, lse = triton_attention(q, k, v, scale=0.25, right=0, lengths=torch.tensor([4],
-                                dtype=torch.int32))
+                                dtype=torch.int32, device=DEVICE))
     s = (q.double() @ k.double().transpose(-1, -2)) * 0.25  # (1, 2, 5, 7)
-    hidden = ~qkv.causal_mask(5, 7) | (torch.arange(7) >= 4)  # (5, 7)
+    hidden = ~qkv.causal_mask(5, 7, device=DEVICE) | (torch.arange(7, device=DEVICE) >= 4)
     want = torch.logsumexp(s.masked_fill(hidden, float("-inf")), -1) / torch.log(
         torch.tensor(2.0, dtype=torch.float64))  # log2 units
     assert torch.allclose(lse.double(), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw,why", [
-    ({"mask": torch.ones(LQ, LK, dtype=torch.bool)}, "bool mask other than key padding"),
+    ({"mask": torch.ones(LQ, LK, dtype=torch.bool, device=DEVICE)},
+     "bool mask other than key padding"),
     ({"mask": lengths_mask([3, 5]).logical_not()}, "bool mask other than key padding"),
-    ({"mask": torch.zeros(LQ, LK)}, "additive float mask"),
+    ({"mask": torch.zeros(LQ, LK, device=DEVICE)}, "additive float mask"),
     ({"dropout": 0.1}, "dropout"),
     ({"scale": -1.0}, "scale <= 0"),
 ])
@@ -291,7 +323,7 @@ def test_gqa_heads_split_unevenly_over_programs(hq, hkv):
     q, k, v = rand_qkv(1, hq, hkv, 29, 41, 24, dtype=torch.float16, requires_grad=True)
     assert bwd.split_heads(hq // hkv, 4, None) == 2
     split = check(q, k, v, causal=True)
-    dout = torch.randn(split.shape, generator=torch.Generator().manual_seed(3)).half()
+    dout = torch.randn(split.shape, generator=torch.Generator().manual_seed(3)).to(q)
     got = grads(q, k, v, dout, causal=True)
     original = bwd.split_heads
     bwd.split_heads = lambda groups, tiles, arch: 1
@@ -312,7 +344,7 @@ def test_deterministic_backward_is_reproducible_and_agrees():
     give bitwise equal gradients run to run, within the rule of the oracle, and close to
     the fused (atomic) backward's."""
     q, k, v = rand_qkv(1, 2, 1, 29, 41, 24, dtype=torch.float16, requires_grad=True)
-    dout = torch.randn(1, 2, 29, 24, generator=torch.Generator().manual_seed(2)).half()
+    dout = torch.randn(1, 2, 29, 24, generator=torch.Generator().manual_seed(2)).to(q)
     kw = dict(causal=True, window=(9, None))
     fused = grads(q, k, v, dout, **kw)
     before = torch.are_deterministic_algorithms_enabled()

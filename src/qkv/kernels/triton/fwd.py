@@ -158,7 +158,10 @@ def forward(q, k, v, lengths, scale: float, left: int | None, right: int | None)
     lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)  # (B, Hq, Lq)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    bdk, bdv = block_dim(dk), block_dim(dv)
+    # One padded width for both head dims: with Triton 3.6 on sm_90 (an H200) the forward
+    # gave wrong outputs, and read out of bounds in bfloat16, when the two differed
+    # (D=40, Dv=24: 64 and 32), at every tile tried, while the interpreter was right.
+    bdk = bdv = max(block_dim(dk), block_dim(dv))
     band = band_args(lq, lk, left, right)
 
     def run(cfg: autotune.Config) -> None:
