@@ -51,14 +51,20 @@ def oracle(q, k, v, *, mask=None, causal=False, window=None, scale=None):
     return torch.from_numpy(out), torch.from_numpy(w)
 
 
-def lowp_baseline(q, k, v, *, mask=None, causal=False, window=None, scale=None):
-    """Attention computed naively in the input dtype (see the module docstring)."""
+def lowp_baseline(q, k, v, *, mask=None, causal=False, window=None, scale=None,
+                  operands=None):
+    """Attention computed naively in the input dtype (see the module docstring).
+
+    ``operands``, when given, is applied to both matmuls' operands first (e.g. rounding
+    float32 to the TF32 a GPU's tensor cores compute with).
+    """
+    op = operands or (lambda t: t)
     groups = q.shape[-3] // k.shape[-3]
     lq, lk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     kk = k.repeat_interleave(groups, dim=-3)  # (..., Hq, Lk, D)
     vv = v.repeat_interleave(groups, dim=-3)  # (..., Hq, Lk, Dv)
-    scores = (q @ kk.transpose(-1, -2)).float() * scale  # (..., Hq, Lq, Lk)
+    scores = (op(q) @ op(kk).transpose(-1, -2)).float() * scale  # (..., Hq, Lq, Lk)
     allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)  # (Lq, Lk)
     if causal:
         allowed &= causal_mask(lq, lk, device=q.device)
@@ -71,7 +77,7 @@ def lowp_baseline(q, k, v, *, mask=None, causal=False, window=None, scale=None):
     # Selected away, never multiplied: a fully hidden row gives weights 0, not NaN.
     scores = torch.where(allowed, scores, float("-inf"))
     w = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(q.dtype)  # (..., Hq, Lq, Lk)
-    return w @ vv  # (..., Hq, Lq, Dv)
+    return op(w) @ op(vv)  # (..., Hq, Lq, Dv)
 
 
 def max_err(a, b) -> float:
