@@ -5,6 +5,10 @@ implementation, so ``torch.compile`` puts it in its graph without tracing into T
 launch code and without a graph break. :class:`_TritonAttention` ties the forward and
 backward operators together for autograd, and :func:`triton_attention` is the plain function
 to call.
+
+Outside a compiled graph the launchers are called directly: a custom operator's dispatch
+costs host time on every call (its schema and aliasing checks), which a small call, whose
+kernels take microseconds, pays many times over.
 """
 
 from __future__ import annotations
@@ -63,10 +67,17 @@ def _(q, k, lse, lengths, scale, left, right):
     return q.new_empty(*q.shape[:3], k.shape[2])  # (B, Hq, Lq, Lk)
 
 
+def _eager(t: Tensor) -> bool:
+    """True outside ``torch.compile``'s tracing (Dynamo, or AOTAutograd's fake and functional
+    tensors), where the launchers can be called without their operator."""
+    return type(t) is Tensor and not torch.compiler.is_compiling()
+
+
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lengths, scale, left, right, deterministic):
-        out, lse = _fwd_op(q, k, v, lengths, scale, left, right)
+        run = forward if _eager(q) else _fwd_op
+        out, lse = run(q, k, v, lengths, scale, left, right)
         ctx.save_for_backward(q, k, v, out, lse, lengths)
         ctx.band = (scale, left, right)
         ctx.deterministic = deterministic
@@ -78,7 +89,8 @@ class _TritonAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, lengths = ctx.saved_tensors
         deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
-        dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, lengths, *ctx.band, deterministic)
+        run = backward if _eager(dout) else _bwd_op
+        dq, dk, dv = run(dout, q, k, v, out, lse, lengths, *ctx.band, deterministic)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -110,9 +122,13 @@ def triton_attention(
         log-sum-exp ``lse (B, Hq, Lq)`` float32 in log2 units (``-inf`` for such a query),
         which carries no gradient.
     """
+    if _eager(q) and not (torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad)):
+        return forward(q, k, v, lengths, scale, left, right)  # no graph to record
     return _TritonAttention.apply(q, k, v, lengths, scale, left, right, deterministic)
 
 
 def triton_attention_weights(q, k, lse, *, scale, left=None, right=None, lengths=None):
     """The weights (B, Hq, Lq, Lk) of the call that returned ``lse`` (no gradient)."""
-    return _weights_op(q, k, lse, lengths, scale, left, right)
+    run = attention_weights if _eager(q) else _weights_op
+    return run(q, k, lse, lengths, scale, left, right)
