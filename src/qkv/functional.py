@@ -80,6 +80,10 @@ def attention(
             and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor):
         key = (q.shape, k.shape, v.shape, q.dtype, q.device, causal, scale,
                _kernels.REFERENCE_MEMORY_BUDGET)
+        if q.is_cuda:  # auto's choice there also reads these (kernels.triton_first)
+            key += (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                 or v.requires_grad),
+                    torch.get_float32_matmul_precision(), _kernels.TRITON_MIN_LENGTH)
         plan = _PLANS.get(key)
         if plan is not None and not _observers and not log.isEnabledFor(10):
             fast, flat = plan  # DEBUG: the slow path logs; capture: it records
@@ -168,7 +172,8 @@ def explain(
 # ---- plans of plain calls -----------------------------------------------------------------
 # A plain call has no tensor mask, window, dropout, returned weights or generator. Its
 # signature (the key) is the shapes of q, k and v, q's dtype and device, ``causal``,
-# ``scale`` and the memory budget that ``auto`` reads. Every check of prepare_call depends
+# ``scale`` and the memory budget that ``auto`` reads; on CUDA also whether gradients are
+# needed, the float32 matmul precision and ``TRITON_MIN_LENGTH``, which it reads there. Every check of prepare_call depends
 # on nothing else but k's and v's dtypes and devices, and neither does the backend auto
 # picks nor the canonical mask, so a call whose signature was seen before and whose k and v
 # have q's dtype and device is valid and goes where the first one went. Those two are not

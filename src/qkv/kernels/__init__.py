@@ -21,6 +21,7 @@ from .torch_sdpa import TorchSDPABackend
 __all__ = [
     "PLANS",
     "REFERENCE_MEMORY_BUDGET",
+    "TRITON_MIN_LENGTH",
     "Backend",
     "Call",
     "auto_order",
@@ -30,6 +31,7 @@ __all__ = [
     "reference_memory",
     "register",
     "sdpa_needs_dense_mask",
+    "triton_first",
 ]
 
 #: ``backend="auto"`` puts ``chunked`` before ``reference`` (and before ``torch`` when SDPA
@@ -94,16 +96,46 @@ def sdpa_needs_dense_mask(call: Call) -> bool:
     return not m.is_empty and not (square_causal and not m.has_tensor)
 
 
+#: ``auto`` prefers the Triton forward to SDPA for calls without gradients whose Lq and Lk
+#: are both at least this (see :func:`triton_first`).
+TRITON_MIN_LENGTH: int = 4096
+
+
+def triton_first(call: Call) -> str | None:
+    """Why ``auto`` should try ``triton`` before ``torch`` for ``call`` on a CUDA device,
+    or None when SDPA comes first.
+
+    Measured on an H200 (bf16, ``benchmarks/gpu.py`` and ``gpu_calls.py``): qkv's forward
+    kernel ran 1.17-1.29x SDPA's flash kernel at L = 4096 and 16384 but 0.74-1.19x at 1024;
+    its backward 0.63-0.87x flash's; and SDPA's host cost per call is lower, which decides
+    small calls (a decoding step, a small training step). Where SDPA would need a dense
+    (Lq x Lk) mask (windows, causal with Lq != Lk, key padding), the kernel reads the band
+    and key lengths instead, and wins on memory and time alike. float32 runs in TF32 in
+    the kernel: only when torch allows TF32 matmuls too
+    (``torch.set_float32_matmul_precision("high")``)."""
+    if call.q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return None
+    if sdpa_needs_dense_mask(call):
+        return "fused kernel: torch SDPA would need a dense (Lq x Lk) mask for this band"
+    if not call.needs_grad and min(call.lq, call.lk) >= TRITON_MIN_LENGTH:
+        return (f"fused forward kernel: no gradients and Lq, Lk >= {TRITON_MIN_LENGTH}, where "
+                "it outruns SDPA")
+    return None
+
+
 def auto_order(call: Call) -> list[tuple[str, str]]:
     """Backends in the order ``auto`` tries them for ``call``, each with the reason."""
     order = []
-    if call.q.is_cuda:
-        order.append(("triton", "fused kernel on a CUDA device"))
+    why_triton = triton_first(call) if call.q.is_cuda else None
+    if why_triton:
+        order.append(("triton", why_triton))
     big = memory_reason(call)  # why the reference is too big for this call, or None
     dense = big is not None and sdpa_needs_dense_mask(call)
     if dense:
         order.append(("chunked", f"{big}; torch SDPA would need a dense (Lq x Lk) mask"))
     order.append(("torch", "PyTorch's fused SDPA kernels are the fastest general path"))
+    if call.q.is_cuda and not why_triton:
+        order.append(("triton", "fused kernel on a CUDA device, where SDPA cannot run"))
     if big is not None and not dense:
         order.append(("chunked", big))
     order.append(("reference", "the only backend left that does every option"))

@@ -80,7 +80,7 @@ class TorchSDPABackend(Backend):
         return None
 
     def run(self, call: Call) -> tuple[Tensor, Tensor | None]:
-        if not (_finite(call.q) and _finite(call.k)):
+        if not _finite(call.q, call.k):
             return _chunked().run(call)  # NaN/inf in a query or key: see the module doc
         q, k, v, m = call.q, call.k, call.v, call.mask
         kwargs = {}
@@ -147,7 +147,7 @@ class TorchSDPABackend(Backend):
             return sdpa  # SDPA itself: it propagates NaN and inf for this signature
 
         def checked(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            if _finite(q) and _finite(k):
+            if _finite(q, k):
                 return sdpa(q, k, v)  # (B, Hq, Lq, Dv)
             return exact(q, k, v)
         return checked
@@ -217,12 +217,17 @@ def _probe(kw: tuple, dtype, device, groups: int, lq: int, lk: int, d: int, dv: 
     return False
 
 
-def _finite(t: Tensor) -> bool:
-    """Whether ``t`` holds no NaN or inf, by one reduction (a sum that overflows says no:
-    that call only takes the exact path)."""
-    if t.requires_grad:  # (detach costs a tensor: only where a graph would be built)
-        t = t.detach()
-    return t.numel() == 0 or math.isfinite(t.sum())
+def _finite(q: Tensor, k: Tensor) -> bool:
+    """Whether ``q`` and ``k`` hold no NaN or inf, by one reduction each (a sum that
+    overflows says no: that call only takes the exact path). On a GPU the two sums are
+    added on the device and read once: each read waits for the device."""
+    if q.requires_grad or k.requires_grad:  # (detach costs a tensor: only where needed)
+        q, k = q.detach(), k.detach()
+    if q.is_cuda:
+        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else None
+        return math.isfinite(q.sum(dtype=acc) + k.sum(dtype=acc))  # empty sums are 0
+    return (q.numel() == 0 or math.isfinite(q.sum())) and (
+        k.numel() == 0 or math.isfinite(k.sum()))
 
 
 @functools.cache
@@ -262,7 +267,7 @@ def _runner_any_keys(sdpa, exact, kw: dict, call: Call, *, causal: bool):
             if len(drops) >= 4096:
                 drops.clear()
             needed = drops[lk] = _drops_nan(kw, call, lq=q.shape[-2], lk=lk)
-        if needed and not (_finite(q) and _finite(k)):
+        if needed and not _finite(q, k):
             return exact(q, k, v)
         return sdpa(q, k, v)  # (B, Hq, Lq, Dv)
     return run
