@@ -10,9 +10,9 @@ calls, the device synchronised once at each round's end, so launch and host cost
 * ``first call`` -- seconds of the first ``qkv.attention`` call of a new shape class on the
   Triton backend (compiling and tuning its kernels), then of the second call;
 * ``decode`` -- one decoding step's attention, q (1, 8, 1, 64) against k/v (1, 8, L, 64):
-  ``qkv.attention`` (auto: Triton on CUDA) and ``backend="torch"`` against SDPA;
+  ``qkv.attention`` with ``auto``, ``"torch"`` and ``"triton"`` against SDPA;
 * ``mha`` -- ``qkv.MultiHeadAttention(512, 8)`` vs ``nn.MultiheadAttention`` on (4, 64, 512);
-* ``train-size`` -- (8, 8, 512, 64) forward and backward, auto vs SDPA.
+* ``train-size`` -- (8, 8, 512, 64) causal forward and backward, each backend vs SDPA.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def main(argv=None) -> int:
             sdpa = per_call_us(lambda t=qkv_: F.scaled_dot_product_attention(*t), **kw)
             name = f"decode L={n} {str(dtype)[6:]}"
             row(f"{name} auto", per_call_us(lambda t=qkv_: qkv.attention(*t), **kw), sdpa)
-            row(f"{name} torch", per_call_us(
-                lambda t=qkv_: qkv.attention(*t, backend="torch"), **kw), sdpa)
+            for be in ("torch", "triton"):
+                row(f"{name} {be}", per_call_us(
+                    lambda t=qkv_, be=be: qkv.attention(*t, backend=be), **kw), sdpa)
 
     mine = qkv.MultiHeadAttention(512, 8).to(dev).eval()
     ref = torch.nn.MultiheadAttention(512, 8, batch_first=True).to(dev).eval()
@@ -104,10 +105,12 @@ def main(argv=None) -> int:
     def step(f):
         return lambda: torch.autograd.grad(f(q, k, v), (q, k, v), g)
 
-    row("train-size fwd+bwd (8,8,512,64)",
-        per_call_us(step(lambda *t: qkv.attention(*t, causal=True)), **kw),
-        per_call_us(step(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True)),
-                    **kw))
+    sdpa = per_call_us(step(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True)),
+                       **kw)
+    for be in ("auto", "torch", "triton"):
+        row(f"train-size fwd+bwd (8,8,512,64) {be}",
+            per_call_us(step(lambda *t, be=be: qkv.attention(*t, causal=True, backend=be)),
+                        **kw), sdpa)
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "gpu_calls.json"
         path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
