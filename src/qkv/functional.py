@@ -173,7 +173,8 @@ def explain(
 # A plain call has no tensor mask, window, dropout, returned weights or generator. Its
 # signature (the key) is the shapes of q, k and v, q's dtype and device, ``causal``,
 # ``scale`` and the memory budget that ``auto`` reads; on CUDA also whether gradients are
-# needed, the float32 matmul precision and ``TRITON_MIN_LENGTH``, which it reads there. Every check of prepare_call depends
+# needed, the float32 matmul precision and ``TRITON_MIN_LENGTH``, which it reads there.
+# Every check of prepare_call depends
 # on nothing else but k's and v's dtypes and devices, and neither does the backend auto
 # picks nor the canonical mask, so a call whose signature was seen before and whose k and v
 # have q's dtype and device is valid and goes where the first one went. Those two are not

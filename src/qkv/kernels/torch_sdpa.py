@@ -46,8 +46,11 @@ try:  # torch >= 2.3: run SDPA with one chosen kernel (the NaN probe asks each C
     from torch.nn.attention import sdpa_kernel as _sdpa_kernel
 
     _CPU_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)
+    _CUDA_KERNELS = tuple(getattr(SDPBackend, name) for name in (
+        "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+        if hasattr(SDPBackend, name))
 except ImportError:  # no way to ask each kernel: every call keeps the NaN/inf check
-    _sdpa_kernel, _CPU_KERNELS = None, ()
+    _sdpa_kernel, _CPU_KERNELS, _CUDA_KERNELS = None, (), ()
 
 
 class TorchSDPABackend(Backend):
@@ -169,16 +172,16 @@ def _plain_kind(m) -> bool | None:
 def _drops_nan(kw: dict, call: Call, *, lq: int, lk: int) -> bool:
     """Whether SDPA with options ``kw`` gives a non-NaN output row, for inputs of ``call``'s
     dtype, device, head dims and head groups with ``lq`` queries and ``lk`` keys, where a
-    row's scores are all NaN or +inf (from the query, or from every key). Whether SDPA drops
-    such a NaN depends on the kernel it picks, the key length, the dtype, the CPU's vector
-    width and the PyTorch version, so it is asked, not assumed: once without and once with
-    autograd (the kernels may differ). Rows whose scores are only partly NaN propagate in
-    every kernel (tests check it)."""
+    row's scores are all NaN or +inf (from the query, or from every key), or where one
+    score is NaN or +inf among finite ones. Whether SDPA drops such a NaN depends on the
+    kernel it picks, the key length, the dtype, the CPU's vector width and the PyTorch
+    version, so it is asked, not assumed: once without and once with autograd (the kernels
+    may differ). Only CPU and CUDA kernels are asked; other devices keep the check."""
     q = call.q
-    if not q.is_cpu or q.dtype in (torch.float16, torch.bfloat16):
-        # Keep the check: the CUDA kernels are not probed here, and in half precision the
-        # CPU kernels also give 0 for a row where one +inf score stands among finite ones,
-        # which an all-+inf probe does not show.
+    if q.device.type not in ("cpu", "cuda") or (
+            q.is_cpu and q.dtype in (torch.float16, torch.bfloat16)):
+        # Keep the check. In half precision the CPU kernels give 0 for a row where one
+        # +inf score stands among finite ones whatever the probe shows at its length.
         return True
     return _probe(tuple(sorted(kw.items())), q.dtype, q.device, call.groups, lq, lk,
                   q.shape[-1], call.v.shape[-1])
@@ -187,30 +190,34 @@ def _drops_nan(kw: dict, call: Call, *, lq: int, lk: int) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _probe(kw: tuple, dtype, device, groups: int, lq: int, lk: int, d: int, dv: int) -> bool:
     """:func:`_drops_nan`, remembered per question (a decoding loop asks each key count).
-    Each CPU kernel SDPA may pick (flash, math) is asked on its own, with and without
-    autograd, so the answer does not depend on which kernels the caller had enabled."""
+    Each kernel SDPA may pick on the device (CPU: flash, math; CUDA: flash, efficient,
+    cuDNN, math) is asked on its own, with and without autograd, so the answer does not
+    depend on which kernels the caller had enabled."""
     if _sdpa_kernel is None:
         return True
+    kernels = _CPU_KERNELS if device.type == "cpu" else _CUDA_KERNELS
     try:
         with torch.inference_mode(False):
-            for backend, grad in itertools.product(_CPU_KERNELS, (False, True)):
+            for backend, grad in itertools.product(kernels, (False, True)):
                 with torch.set_grad_enabled(grad):
                     opts = {"dtype": dtype, "device": device, "requires_grad": grad}
                     # Every score NaN (batch 0: NaN queries; 1: NaN keys) or +inf (2: +inf
-                    # queries; 3: +inf keys): every row NaN. One query head per kv head.
-                    qp = torch.ones(4, groups, lq, d, **opts)
-                    kp = torch.ones(4, 1, lk, d, **opts)
-                    vp = torch.ones(4, 1, lk, dv, **opts)
+                    # queries; 3: +inf keys); one score +inf (4) or NaN (5) among finite
+                    # ones, on key 0, which every row sees (causal too): every row NaN.
+                    # One query head per kv head.
+                    qp = torch.ones(6, groups, lq, d, **opts)
+                    kp = torch.ones(6, 1, lk, d, **opts)
+                    vp = torch.ones(6, 1, lk, dv, **opts)
                     with torch.no_grad():
-                        qp[0] = kp[1] = float("nan")
-                        qp[2] = kp[3] = float("inf")
+                        qp[0] = kp[1] = kp[5, :, 0] = float("nan")
+                        qp[2] = kp[3] = kp[4, :, 0] = float("inf")
                     try:  # a kernel that cannot take these inputs warns why, then raises
                         with _sdpa_kernel([backend]), warnings.catch_warnings():
                             warnings.simplefilter("ignore")
                             out = F.scaled_dot_product_attention(qp, kp, vp, **dict(kw))
                     except RuntimeError:  # so SDPA never picks it here: nothing to ask
                         continue
-                    if not bool(out.detach().isnan().all()):  # (4, groups, lq, dv)
+                    if not bool(out.detach().isnan().all()):  # (6, groups, lq, dv)
                         return True
     except RuntimeError:  # keep the check when in doubt
         return True
