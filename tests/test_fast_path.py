@@ -434,6 +434,25 @@ def test_decode_runner_propagates_nan_for_every_key_count(dtype):
         torch.testing.assert_close(run(*clean), want, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_runner_with_fixed_keys_checks_them_once(dtype):
+    # A cross-attention cache: the same keys on every step, checked when the runner is made.
+    # Lk = 5: SDPA's CPU flash kernel drops NaN there, so only the check keeps it.
+    be = kernels.get("torch")
+    q, k, v = rand_qkv(1, 4, 2, 1, 5, 16, dtype=dtype, seed=4)
+    call, _ = functional.prepare_call(q, k, v)
+    run = be.plain_runner(call, any_keys=True, fixed_keys=k)
+    bad_q, _, _ = _poison(q, k, v, "q")
+    assert torch.equal(run(bad_q, k, v).isnan(), oracle(bad_q, k, v)[0].isnan())
+    torch.testing.assert_close(run(q, k, v), qkv.attention(q, k, v, backend="torch"),
+                               atol=0, rtol=0)
+    _, bad_k, _ = _poison(q, k, v, "k0")
+    assert torch.equal(run(q, bad_k, v).isnan(), oracle(q, bad_k, v)[0].isnan())  # not k
+    # Keys that held NaN when the runner was made are never trusted.
+    run = be.plain_runner(call, any_keys=True, fixed_keys=bad_k)
+    assert torch.equal(run(q, bad_k, v).isnan(), oracle(q, bad_k, v)[0].isnan())
+
+
 def test_a_plan_made_under_one_sdpa_kernel_keeps_nan_under_another():
     # The plan is made once, in whatever kernel choice the first call ran under; the math
     # kernel propagates NaN where the flash kernel (the default on CPU) drops it.

@@ -119,7 +119,8 @@ class TorchSDPABackend(Backend):
             out = torch.where(row_visible, out, torch.zeros_like(out))
         return out, None
 
-    def plain_runner(self, call: Call, *, any_keys: bool = False):
+    def plain_runner(self, call: Call, *, any_keys: bool = False,
+                     fixed_keys: Tensor | None = None):
         """A function ``f(q, k, v) -> out (B, Hq, Lq, Dv)`` that computes every call with ``call``'s
         signature (shapes, dtypes, mask, scale) exactly as :meth:`run` would, decided once:
         or None when the call needs :meth:`run`'s general handling (a tensor mask, a band
@@ -127,7 +128,9 @@ class TorchSDPABackend(Backend):
 
         ``any_keys=True``: ``f`` also serves calls that differ only in the number of keys
         (and of queries, for square causal), as a growing KV cache makes; it then decides
-        the NaN/inf check once per key count."""
+        the NaN/inf check once per key count. ``fixed_keys``: keys that every call will pass
+        again unchanged (a decoder's cross-attention cache); they are checked for NaN/inf
+        here, once, and a call that passes that very tensor checks only its queries."""
         m = call.mask
         if call.dropout != 0.0 or call.lq == 0 or call.lk == 0:
             return None
@@ -145,7 +148,10 @@ class TorchSDPABackend(Backend):
             F.scaled_dot_product_attention
         exact = functools.partial(_exact, mask=m, scale=call.scale)
         if any_keys:
-            return _runner_any_keys(sdpa, exact, kw, call, causal=bool(kind))
+            checked = None if fixed_keys is None or not _finite(fixed_keys[..., :0, :],
+                                                               fixed_keys) else fixed_keys
+            return _runner_any_keys(sdpa, exact, kw, call, causal=bool(kind),
+                                    finite_keys=checked)
         if not _drops_nan(kw, call, lq=call.lq, lk=call.lk):
             return sdpa  # SDPA itself: it propagates NaN and inf for this signature
 
@@ -256,10 +262,13 @@ def _exact(q: Tensor, k: Tensor, v: Tensor, *, mask, scale: float) -> Tensor:
 _DROPS: dict[tuple, dict[int, bool]] = {}
 
 
-def _runner_any_keys(sdpa, exact, kw: dict, call: Call, *, causal: bool):
+def _runner_any_keys(sdpa, exact, kw: dict, call: Call, *, causal: bool,
+                     finite_keys: Tensor | None = None):
     """``sdpa``, or ``exact`` for a query or key holding NaN/inf where :func:`_drops_nan`
     finds SDPA wrong, decided once per key count (the other dims, dtype and device stay
-    those of ``call``)."""
+    those of ``call``). ``finite_keys``: a key tensor already found finite; a call passing
+    that very tensor checks its queries alone."""
+    no_keys = None if finite_keys is None else finite_keys[..., :0, :]  # (B, Hkv, 0, D)
     q0 = call.q
     if len(_DROPS) >= 256:
         _DROPS.clear()
@@ -274,7 +283,7 @@ def _runner_any_keys(sdpa, exact, kw: dict, call: Call, *, causal: bool):
             if len(drops) >= 4096:
                 drops.clear()
             needed = drops[lk] = _drops_nan(kw, call, lq=q.shape[-2], lk=lk)
-        if needed and not _finite(q, k):
+        if needed and not _finite(q, no_keys if k is finite_keys else k):
             return exact(q, k, v)
         return sdpa(q, k, v)  # (B, Hq, Lq, Dv)
     return run

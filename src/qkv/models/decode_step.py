@@ -66,7 +66,8 @@ def _lin(lin: nn.Linear) -> tuple[Tensor, Tensor | None]:
     return lin.weight, lin.bias
 
 
-def _runner(q_heads: int, k: Tensor, v: Tensor, mask: Tensor | None):
+def _runner(q_heads: int, k: Tensor, v: Tensor, mask: Tensor | None, *,
+            fixed: bool = False):
     """What ``qkv.attention(q, k, v, mask=mask)`` runs for one new query ``(B, Hq, 1, D)``
     against these keys ``k`` and values ``v``, or any longer run of keys of the same
     kind. A self-attention cache grows by one key per step, so the plans of qkv.attention
@@ -76,7 +77,9 @@ def _runner(q_heads: int, k: Tensor, v: Tensor, mask: Tensor | None):
     so the checks hold by construction. With no mask and one query, ``auto`` picks the
     torch backend on CPU whatever the key count, and its runner depends only on the head
     dim, the head groups and the dtype. Elsewhere (a mask, a CUDA device, a replaced torch
-    backend) this returns a function that calls :func:`qkv.attention`.
+    backend) this returns a function that calls :func:`qkv.attention`. ``fixed``: ``k``
+    is passed again, unchanged, on every step (the cross-attention cache, filled once;
+    a beam reorder only permutes its rows): its NaN/inf check is done here, once.
     """
     if mask is not None:
         return functools.partial(attention, mask=mask)
@@ -87,7 +90,7 @@ def _runner(q_heads: int, k: Tensor, v: Tensor, mask: Tensor | None):
     call, _ = prepare_call(q, k, v)
     if type(kernels.get(kernels.auto_order(call)[0][0])) is not TorchSDPABackend:
         return attention
-    return be.plain_runner(call, any_keys=True) or attention
+    return be.plain_runner(call, any_keys=True, fixed_keys=k if fixed else None) or attention
 
 
 def _slots(cache, start: int, end: int) -> dict[int, tuple]:
@@ -115,13 +118,14 @@ class LeanStep:
         for layer, sc, cc in zip(model.decoder, state.self_caches, state.cross_caches,
                                  strict=True):
             sa, ca = layer.self_attn, layer.cross_attn
+            ck, cv = cc.k, cc.v  # (B, Hkv, Ls, Dh): one view each, passed on every step
             self.layers.append((
                 _slots(sc, state.length, end),
                 _ln(layer.norm1), sa._packed_in_proj(), sa.num_heads, sa.num_kv_heads,
                 sa.head_dim, sa.embed_dim, _lin(sa.out_proj), sc,
                 _runner(sa.num_heads, sc.k, sc.v, None),
-                _ln(layer.norm2), _lin(ca.q_proj), ca.num_heads, ca.head_dim, cc.k, cc.v,
-                _runner(ca.num_heads, cc.k, cc.v, state.memory_mask),
+                _ln(layer.norm2), _lin(ca.q_proj), ca.num_heads, ca.head_dim, ck, cv,
+                _runner(ca.num_heads, ck, cv, state.memory_mask, fixed=True),
                 _lin(ca.out_proj), _ln(layer.norm3), _lin(layer.ff.fc1), _lin(layer.ff.fc2),
             ))
 
