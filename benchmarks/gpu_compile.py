@@ -12,8 +12,9 @@ for any target on a CPU and its bundled ``ptxas`` reports registers and spills::
 Prints one table (registers, spill bytes stored/loaded, shared memory, MMA instructions:
 wgmma (sm_90), mma.sync (sm_80), TMA copies, tcgen05 (sm_100); warps, stages) and writes
 JSON (``--json``, or ``$OUT/gpu_compile.json`` when ``$OUT`` is set). Exits 1 when a
-candidate the autotuner may pick fails to compile, spills on sm_90 or needs more shared
-memory than the target has.
+candidate the autotuner may pick fails to compile, spills on sm_90 (unless it is in
+``autotune.SPILLS_MEASURED_FASTER``: measured faster on a GPU all the same) or needs more
+shared memory than the target has.
 """
 
 from __future__ import annotations
@@ -133,7 +134,12 @@ def verdict(row: dict) -> str:
     if row["shared"] > shared_memory_limit(row["arch"]):
         return "SMEM"
     if row["arch"] == 90 and (row["spill_stores"] or row["spill_loads"]):
-        return "SPILL"
+        from qkv.kernels.triton.autotune import SPILLS_MEASURED_FASTER
+
+        tile = (row["kernel"].split("/")[0].strip("_").removesuffix("_kernel"),
+                row["block_m"], row["block_n"], row["num_warps"], row["num_stages"])
+        # a candidate measured faster on a GPU than the spill-free ones: reported only
+        return "spill*" if tile in SPILLS_MEASURED_FASTER else "SPILL"
     if row["spill_stores"] or row["spill_loads"]:
         return "spill"  # reported, not failed: only sm_90 must be spill-free
     return "ok"
@@ -194,10 +200,11 @@ def main(argv=None) -> int:
     rows = run(args)
     print_table(rows)
     bad = [r for r in rows if r["verdict"] in ("ERROR", "SMEM", "SPILL")]
-    spills80 = sum(r["verdict"] == "spill" for r in rows)
+    spills80 = sum(r["verdict"] in ("spill", "spill*") for r in rows)
     seconds = time.perf_counter() - t0
     print(f"\n{len(rows)} compiles in {seconds:.0f} s: {len(bad)} failing the check "
-          f"(error, over shared memory, or spills on sm_90); {spills80} spill elsewhere")
+          f"(error, over shared memory, or spills on sm_90); {spills80} spill elsewhere or "
+          "were measured faster on a GPU despite spilling (spill*)")
     out = args.json or (Path(os.environ["OUT"]) / "gpu_compile.json"
                         if os.environ.get("OUT") else None)
     if out:

@@ -44,6 +44,11 @@ class Config:
     split_d: int = 1
 
 
+#: Candidates that spill registers on sm_90 but ran faster than the spill-free ones on a
+#: GPU: (kernel, block_m, block_n, num_warps, num_stages). ``benchmarks/gpu_compile.py``
+#: reports their spills without failing.
+SPILLS_MEASURED_FASTER = {("dkdv", 32, 128, 8, 2)}
+
 #: The only config used by the interpreter unless :func:`override` says otherwise.
 INTERPRETER_CONFIG = Config(32, 32, 1, 1)
 
