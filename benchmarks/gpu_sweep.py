@@ -7,7 +7,8 @@
 For each head dim D and causal flag at L = ``--length`` (bf16, B * L = 16k tokens,
 H * D = 2048, FlashAttention's grid), every config below is forced on the kernels with
 ``autotune.override`` and timed: the forward alone, then the backward alone (the forward's
-output saved once). A config that does not fit the device (shared memory, registers) is
+output saved once), and last the deterministic backward (dQ in its own pass) at the
+tuner's own configs. A config that does not fit the device (shared memory, registers) is
 reported, not fatal. What to read: the fastest forward and backward config per (D, causal),
 against the first entry of ``autotune.candidates`` (what the tuner would try first).
 """
@@ -15,6 +16,7 @@ against the first entry of ``autotune.candidates`` (what the tuner would try fir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -30,8 +32,8 @@ FWD = {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
             (128, 128, 8, 2), (128, 128, 4, 3), (256, 64, 8, 3)],
        128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3),
              (128, 32, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3)]}
-BWD = {64: [(32, 128, 8, 2), (16, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3),
-            (64, 64, 4, 2), (32, 128, 4, 2)],
+BWD = {64: [(32, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2),
+            (64, 128, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 4, 2)],
        128: [(16, 128, 8, 2), (32, 128, 8, 2), (16, 64, 4, 2), (64, 64, 8, 2),
              (32, 64, 4, 2)]}
 # No num_stages=1 for the dK/dV kernel: with Triton 3.6 on an H200, 32x128/w8/s1 at D=128
@@ -61,7 +63,13 @@ def time_one(kind: str, qkv_, dout, causal: bool) -> float:
     if kind == "fwd":
         with torch.no_grad():
             return median_ms(lambda: qkv.attention(*qkv_, causal=causal, backend="triton"))
-    out = qkv.attention(*qkv_, causal=causal, backend="triton")
+    if kind == "bwd-det":  # dQ in its own pass, no atomics; the tuner's own configs
+        from qkv.kernels.triton.ops import triton_attention
+
+        out, _ = triton_attention(*qkv_, scale=qkv_[0].shape[-1] ** -0.5,
+                                  right=0 if causal else None, deterministic=True)
+    else:
+        out = qkv.attention(*qkv_, causal=causal, backend="triton")
     return median_ms(lambda: torch.autograd.grad(out, qkv_, dout, retain_graph=True))
 
 
@@ -89,7 +97,7 @@ def main(argv=None) -> int:
         dout = torch.randn(b, h, n, d, device="cuda", generator=g).bfloat16()
         for causal in (False, True):
             fl = 4.0 * b * h * n * n * d / (2 if causal else 1)
-            for kind, table in (("fwd", FWD), ("bwd", BWD)):
+            for kind, table in (("fwd", FWD), ("bwd", BWD), ("bwd-det", {d: [None]})):
                 for cfg in table[d]:
                     if time.perf_counter() > deadline:
                         rows.append(dict(D=d, causal=causal, kind=kind, config=cfg,
@@ -97,10 +105,11 @@ def main(argv=None) -> int:
                         continue
                     row = dict(D=d, causal=causal, kind=kind, config=cfg)
                     try:
-                        with autotune.override(autotune.Config(*cfg)):
+                        with (autotune.override(autotune.Config(*cfg)) if cfg
+                              else contextlib.nullcontext()):
                             ms = time_one(kind, (q, k, v), dout, causal)
                         row["ms"] = round(ms, 4)
-                        row["tflops"] = round((2.5 if kind == "bwd" else 1) * fl / ms / 1e9, 1)
+                        row["tflops"] = round((1 if kind == "fwd" else 2.5) * fl / ms / 1e9, 1)
                     except Exception as exc:  # does not fit this device: a data point
                         row["error"] = f"{type(exc).__name__}: {exc}"[:200]
                     rows.append(row)
