@@ -38,3 +38,26 @@ def test_plain_calls_follow_the_oracle(dtype, shape, value, where, backend):
         assert torch.equal(out.isnan(), want.isnan()), (causal, where)
         ok = ~want.isnan()
         assert_lowp_rule(out[ok], want[ok], lowp_baseline(q, k, v, causal=causal)[ok])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window": (7, 3)},
+                                {"mask": "padding"}])
+def test_chunked_on_cuda_follows_the_oracle(dtype, kw):
+    """The chunked backend (what the torch backend hands NaN/inf calls to) on CUDA tensors:
+    outputs and gradients by the derived rule, odd sizes."""
+    q, k, v = (t.cuda().requires_grad_() for t in rand_qkv(2, 6, 3, 97, 203, 40, 24,
+                                                            dtype=dtype, seed=7))
+    if kw.get("mask") == "padding":
+        kw = {"mask": qkv.padding_mask(torch.tensor([203, 61], device="cuda"), 203)}
+    out = qkv.attention(q, k, v, backend="chunked", **kw)
+    want, _ = oracle(q, k, v, **kw)
+    assert_lowp_rule(out, want.to(out.device), lowp_baseline(q, k, v, **kw))
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.autograd.grad(qkv.attention(q64, k64, v64, backend="reference", **kw),
+                              (q64, k64, v64), dout.double())
+    base = torch.autograd.grad(lowp_baseline(q, k, v, **kw), (q, k, v), dout)
+    for name, g, r, b in zip("qkv", got, ref, base, strict=True):
+        assert_lowp_rule(g, r, b, factor=3.0, what=f"d{name}")
