@@ -86,10 +86,11 @@ from . import planning, threads
 from .backend import ChunkedBackend, chunked_attention
 from .core import chunked_backward, chunked_forward, chunked_weights, merge_partials
 from .dropout import draw_seed, dropout_keep
-from .planning import BLOCK_ELEMENTS, BLOCK_K, Plan, block_sizes, plan_blocks
+from .planning import BAND_ROWS, BLOCK_ELEMENTS, BLOCK_K, Plan, block_sizes, plan_blocks
 from .threads import WORKERS
 
 __all__ = [
+    "BAND_ROWS",
     "BLOCK_ELEMENTS",
     "BLOCK_K",
     "WORKERS",
@@ -108,7 +109,8 @@ __all__ = [
 
 # The settings are read where they are used (planning, threads); setting one on this package
 # (``qkv.kernels.chunked.WORKERS = 2``, or pytest's monkeypatch) sets it there too.
-_SETTINGS = {"WORKERS": threads, "BLOCK_ELEMENTS": planning, "BLOCK_K": planning}
+_SETTINGS = {"WORKERS": threads, "BLOCK_ELEMENTS": planning, "BLOCK_K": planning,
+             "BAND_ROWS": planning}
 
 
 class _Package(types.ModuleType):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from .planning import Plan
 from .threads import Queue, split, workers
 
 LOG2E = 1.0 / math.log(2.0)  # exp(x) = exp2(x * LOG2E)
+_ALIGN = 16  # keys: the band's edges in a tile are widened to multiples of this
 
 
 class Blocks:
@@ -49,8 +51,10 @@ class Blocks:
         self.v2 = None if v is None else v.to(self.ct).reshape(b * hkv, lk, v.shape[-1])
         self.neg_inf = torch.full((), float("-inf"), dtype=self.ct, device=self.device)
         self.zero = torch.zeros((), dtype=self.ct, device=self.device)
-        self._band_cache: dict[tuple[int, int, int], Tensor] = {}
+        self._band_cache: dict[tuple[int, int, int], Tensor] = {}  # (1, 1, bq, bk) each
+        self._edge_cache: dict[tuple[int, int, int], Tensor] = {}  # (bq, bk) each
         self._views: dict[tuple, object] = {}  # kv_rows and kT views, per call
+        self._tiles: dict[tuple[int, int], list] = {}  # unit_tiles, per call
         self.has_tensor_mask = mask.has_tensor
         self._local = threading.local()  # scratch buffers, one set per thread
 
@@ -79,8 +83,8 @@ class Blocks:
             for q0 in range(0, self.lq, self.plan.block_q):
                 q1 = min(q0 + self.plan.block_q, self.lq)
                 units.append((grp, q0, q1))
-                costs.append(heads * (q1 - q0) * sum(k1 - k0 for k0, k1, _ in
-                                                     self.states(q0, q1)))
+                costs.append(heads * sum((t.r1 - t.r0) * (t.c1 - t.c0)
+                                         for t, _ in self.unit_tiles(q0, q1)))
         n = max(1, min(workers(self.device), len(units)))
         if fixed:
             return split(units, costs, n)
@@ -94,6 +98,66 @@ class Blocks:
             state = self.mask.band_block_state(q0, q1, k0, k1)
             if state is not BlockState.HIDDEN:
                 yield k0, k1, state
+
+    def unit_tiles(self, q0: int, q1: int) -> list[tuple[Tile, bool]]:
+        """:meth:`tiles` of queries q0:q1, the tiles of some of the rows first, each with
+        whether it is the first to touch its rows (an online softmax then starts them
+        without rescaling). Made once per call: every head group has the same."""
+        hit = self._tiles.get((q0, q1))
+        if hit is not None:
+            return hit
+        # sorted() is stable: key order is kept among the row tiles and the whole ones.
+        tiles = sorted(self.tiles(q0, q1), key=lambda t: (t.r0, t.r1) == (q0, q1))
+        out, seen, whole_seen = [], set(), False
+        for t in tiles:
+            if (t.r0, t.r1) == (q0, q1):
+                out.append((t, not whole_seen and not seen))
+                whole_seen = True
+            else:  # row tiles share one grid of rows: r0 names the rows
+                out.append((t, not whole_seen and t.r0 not in seen))
+                seen.add(t.r0)
+        self._tiles[(q0, q1)] = out
+        return out
+
+    def tiles(self, q0: int, q1: int) -> Iterator[Tile]:
+        """The rectangles to compute for queries q0:q1, in key order: each key block the
+        band leaves visible whole; one the band cuts trimmed to the keys its rows can see,
+        and (one query head per kv head, ``plan.band_rows`` set) split into tiles of that
+        many rows, each trimmed to its own keys, so the hidden part of a block on the
+        diagonal is mostly skipped."""
+        step = self.plan.band_rows if self.g == 1 and self.plan.band_rows > 0 else q1 - q0
+        for k0, k1, state in self.states(q0, q1):
+            if state is BlockState.VISIBLE:
+                yield Tile(q0, q1, k0, k1, state, ())
+                continue
+            for r0 in range(q0, q1, step):
+                tile = self._band_tile(r0, min(r0 + step, q1), k0, k1)
+                if tile is not None:
+                    yield tile
+
+    def _band_tile(self, r0: int, r1: int, k0: int, k1: int) -> Tile | None:
+        """Queries r0:r1 x keys k0:k1 trimmed to the keys the band lets any of them see,
+        with the column ranges where it hides some pairs (None: it hides all)."""
+        m = self.mask
+        lo, hi = r0 + m.offset, r1 - 1 + m.offset  # the diagonal at the first / last row
+        c0 = k0 if m.left is None else max(k0, lo - m.left)
+        c1 = k1 if m.right is None else min(k1, hi + m.right + 1)
+        if c0 >= c1:
+            return None
+        state = m.band_block_state(r0, r1, c0, c1)
+        if state is BlockState.HIDDEN:
+            return None
+        if state is BlockState.VISIBLE:
+            return Tile(r0, r1, c0, c1, state, ())
+        # Keys every row sees: [a, b); the band hides some pairs only left and right of it.
+        # Both are rounded inwards to a multiple of _ALIGN keys from c0: element-wise
+        # passes over column ranges that start and end aligned run at full vector speed.
+        a = c0 if m.left is None else min(max(c0, hi - m.left), c1)
+        b = c1 if m.right is None else max(min(c1, lo + m.right + 1), a)
+        a = min(c0 + -(-(a - c0) // _ALIGN) * _ALIGN, c1)
+        b = max(c0 + (b - c0) // _ALIGN * _ALIGN, a) if b < c1 else c1
+        edges = tuple((e0, e1) for e0, e1 in ((c0, a), (b, c1)) if e1 > e0)
+        return Tile(r0, r1, c0, c1, state, edges)
 
     # -- slicing --
     def buffer(self, name: str, n: int, rows: int, cols: int) -> Tensor:
@@ -154,12 +218,15 @@ class Blocks:
 
     # -- one block --
     def scores(self, qb: Tensor, grp, q0: int, q1: int, k0: int, k1: int,
-               state: BlockState) -> tuple[Tensor, bool]:
+               state: BlockState, edges: tuple[tuple[int, int], ...] = ()
+               ) -> tuple[Tensor, bool | tuple[tuple[int, int], ...]]:
         """Masked scaled scores of the block: ``(n, G*bq, bk)``, ``-inf`` where hidden,
-        and whether a mask was applied (only then can a score be ``-inf`` or very low).
+        and where a mask was applied (only there can a score be ``-inf`` or very low):
+        False (nowhere), True (anywhere) or the column ranges of ``edges`` (from 0).
 
-        ``qb (n, G*bq, D)`` holds the group's queries q0:q1 times ``scale``. The
-        result lives in this thread's scratch buffer "s" until the next call.
+        ``qb (n, G*bq, D)`` holds the group's queries q0:q1 times ``scale``. ``edges``: the
+        key ranges of a :class:`Tile` outside which the band hides nothing. The result
+        lives in this thread's scratch buffer "s" until the next call.
         """
         kt = self._views.get(("kT", grp, k0, k1))  # (n, D, bk)
         if kt is None:
@@ -168,6 +235,19 @@ class Blocks:
         torch.bmm(qb, kt, out=s)
         if state is BlockState.VISIBLE and not self.has_tensor_mask:
             return s, False
+        if edges and not self.has_tensor_mask:  # the band alone, applied where it cuts
+            rows = q1 - q0
+            s4 = s if self.g == 1 else s.view(s.shape[0], self.g, rows, k1 - k0)  # (n,[G,]r,c)
+            cols = []
+            for e0, e1 in edges:
+                key = (q0 + self.mask.offset - e0, rows, e1 - e0)
+                band = self._edge_cache.get(key)  # (r, e), True = visible
+                if band is None:
+                    band = self._edge_cache[key] = self.mask.band(q0, q1, e0, e1, self.device)
+                part = s4.narrow(-1, e0 - k0, e1 - e0)  # a view
+                torch.where(band, part, self.neg_inf, out=part)
+                cols.append((e0 - k0, e1 - k0))
+            return s, tuple(cols)
         allowed, bias = self.block_mask(grp, q0, q1, k0, k1, state)
         if allowed is not None or bias is not None:
             s4 = self.heads_view(s, grp, q1 - q0)  # (b, Hq', bq, bk)
@@ -178,17 +258,30 @@ class Blocks:
             return s, True
         return s, False
 
-    def exp_shifted_(self, s: Tensor, shift: Tensor, masked: bool) -> Tensor:
+    def exp_shifted_(self, s: Tensor, shift: Tensor,
+                     masked: bool | tuple[tuple[int, int], ...]) -> Tensor:
         """``exp(s - shift)`` in place (``s (n, rows, bk)``, ``shift (n, rows, 1)``).
 
         On CPU, PyTorch's ``exp`` takes a slow path (several times slower per element) on
         arguments that underflow, as ``-inf`` for hidden keys does; ``exp2`` has no such
         path, so masked blocks go through ``exp2(x * log2(e))``: 0 stays exactly 0.
+        ``masked``: as :meth:`scores` returns it; given column ranges, only those columns
+        take the ``exp2`` path (``exp`` is faster on the others).
         """
         s.sub_(shift)
-        if masked and self.device.type == "cpu":
+        if not masked or self.device.type != "cpu":
+            return s.exp_()
+        if masked is True:
             return s.mul_(LOG2E).exp2_()
-        return s.exp_()
+        done = 0  # columns [done, a) lie between the ranges: no mask there
+        for a, b in masked:
+            if a > done:
+                s.narrow(-1, done, a - done).exp_()
+            s.narrow(-1, a, b - a).mul_(LOG2E).exp2_()
+            done = b
+        if done < s.shape[-1]:
+            s.narrow(-1, done, s.shape[-1] - done).exp_()
+        return s
 
     def block_mask(self, grp, q0, q1, k0, k1, state) -> tuple[Tensor | None, Tensor | None]:
         """(allowed, bias) of the block for the group's batch rows and heads; None, None
@@ -228,6 +321,18 @@ class Blocks:
         p4 = self.heads_view(p, grp, q1 - q0)  # (b, Hq', bq, bk)
         torch.where(self.keep(grp, q0, q1, k0, k1), p4, self.zero, out=p4)
         return p.mul_(1.0 / (1.0 - self.dropout))
+
+
+class Tile(NamedTuple):
+    """Queries r0:r1 x keys c0:c1 of one unit; ``edges``: the key ranges in which the band
+    hides some pairs (empty when it hides none)."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    state: BlockState
+    edges: tuple[tuple[int, int], ...]
 
 
 def _slice_heads(t: Tensor, bs: slice, hs: slice) -> Tensor:
