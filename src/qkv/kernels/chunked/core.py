@@ -83,7 +83,7 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *
             # (its max contributes exp(0)), or NaN (a NaN score propagates); one that saw
             # none has row_sum 0 and output 0 (even where hidden values hold NaN).
             seen = total != 0  # (n, G*bq, 1)
-            denom = torch.where(seen, total, 1.0)
+            denom = torch.where(seen, total, bl.one)
             if direct:
                 o.div_(denom)
             else:
@@ -111,7 +111,7 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int,
     sum of ``exp(score - max)`` (each ``(n, G*bq, 1)``; the sum is 0 where the row sees no
     key, and its max is then meaningless).
     """
-    qb = bl.q_scaled(grp, q0, q1)  # (n, G*bq, D), q * scale
+    qb, alpha = bl.q_block(grp, q0, q1)  # (n, G*bq, D), q * scale / alpha
     n, rows = qb.shape[0], qb.shape[1]
     dv = bl.v2.shape[-1]
     # The running max starts at the lowest finite value, not -inf: a row that has seen no
@@ -123,8 +123,8 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int,
         # The caller copies acc out before this thread's next unit: a reused buffer stays
         # in cache, where a fresh tensor would be written cold by the first product.
         acc = bl.buffer("acc", n, rows, dv)  # (n, G*bq, Dv)
-    tiles = bl.unit_tiles(q0, q1)  # [(tile, first to touch its rows)], row tiles first
-    if not tiles or (tiles[0][0].r0, tiles[0][0].r1) != (q0, q1):
+    tiles, unstarted = bl.unit_tiles(q0, q1)  # [(tile, first of its rows)], row tiles first
+    if unstarted:
         acc.zero_()  # rows that no tile starts (they see no key) must read 0
     for (r0, r1, c0, c1, state, edges), fresh in tiles:
         whole = r0 == q0 and r1 == q1
@@ -134,7 +134,7 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int,
             i, r = r0 - q0, r1 - r0
             qt, mt = qb.narrow(1, i, r), row_max.narrow(1, i, r)
             st, at = row_sum.narrow(1, i, r), acc.narrow(1, i, r)
-        p, masked = bl.scores(qt, grp, r0, r1, c0, c1, state, edges)  # (n, r, c)
+        p, masked = bl.scores(qt, grp, r0, r1, c0, c1, state, edges, alpha)  # (n, r, c)
         vb = bl.kv_rows(bl.v2, grp, c0, c1)  # (n, c, Dv)
         if fresh:  # the first tile of these rows: mt holds the lowest float, st and at 0
             torch.maximum(p.amax(dim=-1, keepdim=True), mt, out=mt)  # (n, r, 1)
@@ -282,7 +282,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor,
         dv.add_(dvs[i])
         if dbs is not None:
             dbias.add_(dbs[i])
-    dq.mul_(scale)  # qb carried the scale already: dk = dS^T qb = scale * dS^T q
+    dq.mul_(scale)  # dk = scale * dS^T q came out of its products scaled already
     return dq.view(b, bl.hq, lq, d), dk.view(b, hkv, lk, d), dv.view(b, hkv, lk, dv_)
 
 
@@ -292,12 +292,12 @@ def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor],
     """Gradients from queries q0:q1 of one head group: adds into ``dk``, ``dv`` (and
     ``dbias``), returns this block's unscaled ``dq (n, G*bq, D)`` (None: it sees no key)."""
     b0, b1, h0, h1 = grp
-    qb = bl.q_scaled(grp, q0, q1)  # (n, G*bq, D), q * scale
+    qb, alpha = bl.q_block(grp, q0, q1)  # (n, G*bq, D), q * scale / alpha
     dob = bl.q_rows(rows["do"], grp, q0, q1)  # (n, G*bq, Dv)
     mb = bl.q_rows(rows["max"], grp, q0, q1)  # (n, G*bq, 1)
     db = bl.q_rows(rows["delta"], grp, q0, q1)  # (n, G*bq, 1)
     dqb = None
-    for (r0, r1, c0, c1, state, edges), _ in bl.unit_tiles(q0, q1):
+    for (r0, r1, c0, c1, state, edges), _ in bl.unit_tiles(q0, q1)[0]:
         whole = r0 == q0 and r1 == q1
         kb = bl.kv_rows(bl.k2, grp, c0, c1)  # (n, c, D)
         vb = bl.kv_rows(bl.v2, grp, c0, c1)  # (n, c, Dv)
@@ -307,7 +307,7 @@ def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor],
             i, r = r0 - q0, r1 - r0
             qt, dot = qb.narrow(1, i, r), dob.narrow(1, i, r)  # (n, r, D), (n, r, Dv)
             mt, dt = mb.narrow(1, i, r), db.narrow(1, i, r)  # (n, r, 1)
-        s, masked = bl.scores(qt, grp, r0, r1, c0, c1, state, edges)  # (n, r, c)
+        s, masked = bl.scores(qt, grp, r0, r1, c0, c1, state, edges, alpha)  # (n, r, c)
         p = bl.exp_shifted_(s, mt, masked)  # (n, r, c) weights / inv_sum
         dp = bl.buffer("dp", *p.shape)  # (n, r, c)
         torch.bmm(dot, vb.transpose(1, 2), out=dp)  # gradient of the applied weights
@@ -325,14 +325,14 @@ def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor],
         if dbias is not None:
             _add_bias_grad(dbias, bl.heads_view(ds, grp, r1 - r0), grp, bl.g, r0, r1, c0, c1)
         if dqb is None and not whole:  # a tile of some rows: the others get 0
-            dqb = torch.zeros_like(qb)
+            dqb = torch.zeros(qb.shape, dtype=bl.ct, device=bl.device)
         if dqb is None:
             dqb = torch.bmm(ds, kb)  # (n, G*bq, D)
         elif whole:
             dqb.baddbmm_(ds, kb)
         else:
             dqb.narrow(1, r0 - q0, r1 - r0).baddbmm_(ds, kb)
-        bl.kv_rows(dk, grp, c0, c1).baddbmm_(ds.transpose(1, 2), qt)
+        bl.kv_rows(dk, grp, c0, c1).baddbmm_(ds.transpose(1, 2), qt, alpha=alpha)
     return dqb
 
 
