@@ -267,6 +267,9 @@ class Blocks:
                 self._band_edge_(part, q0, q1, e0, e1)
                 cols.append((e0 - k0, e1 - k0))
             return s, tuple(cols)
+        if not self.has_tensor_mask:  # the band alone (state PARTIAL): as on an edge
+            self._band_edge_(self.heads_view(s, grp, q1 - q0), q0, q1, k0, k1)
+            return s, True
         allowed, bias = self.block_mask(grp, q0, q1, k0, k1, state)
         if allowed is not None or bias is not None:
             s4 = self.heads_view(s, grp, q1 - q0)  # (b, Hq', bq, bk)

@@ -243,22 +243,24 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor,
     b, hkv, g, lq, lk = bl.b, bl.hkv, bl.g, bl.lq, bl.lk
     d, dv_ = q.shape[-1], v.shape[-1]
     row_max, inv_sum = row_stats(lse)  # (B, Hq, Lq) each
-    do, inv = dout.to(bl.ct), None
+    inv = None
     if not isinstance(lse, Tensor):
         # Blocks recompute exp(score - row_max) = P / inv_sum: exact even at scores of -1e9,
         # where exp(score - lse) would not be (lse rounds at that magnitude). Folding
-        # inv_sum into dout and delta gives dv = P^T dout and dS = P (dP - delta) unchanged.
+        # inv_sum into dout (a block of rows at a time) and delta gives dv = P^T dout and
+        # dS = P (dP - delta) unchanged.
         inv = inv_sum.unsqueeze(-1)  # (B, Hq, Lq, 1)
-        do, delta = do * inv, delta.to(bl.ct) * inv_sum
+        delta = delta.to(bl.ct) * inv_sum
     rows = {
-        "do": do.reshape(b, hkv, g, lq, dv_),  # (B, Hkv, G, Lq, Dv)
+        "do": dout.reshape(b, hkv, g, lq, dv_),  # (B, Hkv, G, Lq, Dv), any dtype
+        "inv": None if inv is None else inv.reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
         "max": row_max.reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
         "delta": delta.to(bl.ct).reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
     }
     dw5 = None if dweights is None else dweights.reshape(b, hkv, g, lq, lk)
     if dw5 is not None and inv is not None:
         dw5 = dw5.to(bl.ct) * inv.reshape(b, hkv, g, lq, 1)  # scaled like dout
-    dq = torch.zeros(b, hkv, g, lq, d, dtype=bl.ct, device=q.device)  # (B, Hkv, G, Lq, D)
+    dq = torch.empty(b, hkv, g, lq, d, dtype=bl.ct, device=q.device)  # (B, Hkv, G, Lq, D)
     shares = bl.shares(fixed=True)
     # dk, dv (and dbias) gather contributions from every query block: one private
     # accumulator per share, summed in a fixed order afterwards.
@@ -268,11 +270,15 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor,
 
     def work(i: int, share: list) -> None:
         for grp, q0, q1 in share:
+            b0, b1, h0, h1 = grp
+            dst = dq[b0:b1, h0:h1, :, q0:q1]  # (b, Hkv', G, bq, D)
+            # As in the forward: dq of the group accumulates in place when it is one view.
+            direct = g == 1 or (q0 == 0 and q1 == lq)
             dqb = _backward_rows(bl, grp, q0, q1, rows, dw5, dks[i], dvs[i],
-                                 None if dbs is None else dbs[i])
-            if dqb is not None:
-                b0, b1, h0, h1 = grp
-                dq[b0:b1, h0:h1, :, q0:q1] = dqb.view(b1 - b0, h1 - h0, g, q1 - q0, d)
+                                 None if dbs is None else dbs[i],
+                                 dst.view((b1 - b0) * (h1 - h0), -1, d) if direct else None)
+            if not direct:
+                dst.copy_(dqb.view(dst.shape))
 
     run_shares(shares, work)
     dk = dks[0] if dks else torch.zeros(b * hkv, lk, d, dtype=bl.ct, device=q.device)
@@ -282,22 +288,33 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor,
         dv.add_(dvs[i])
         if dbs is not None:
             dbias.add_(dbs[i])
-    dq.mul_(scale)  # dk = scale * dS^T q came out of its products scaled already
     return dq.view(b, bl.hq, lq, d), dk.view(b, hkv, lk, d), dv.view(b, hkv, lk, dv_)
 
 
-def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor],
-                   dw5: Tensor | None, dk: Tensor, dv: Tensor,
-                   dbias: Tensor | None) -> Tensor | None:
+def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor | None],
+                   dw5: Tensor | None, dk: Tensor, dv: Tensor, dbias: Tensor | None,
+                   dqb: Tensor | None = None) -> Tensor:
     """Gradients from queries q0:q1 of one head group: adds into ``dk``, ``dv`` (and
-    ``dbias``), returns this block's unscaled ``dq (n, G*bq, D)`` (None: it sees no key)."""
+    ``dbias``), returns this block's ``dq (n, G*bq, D)`` (in ``dqb`` when given, else in
+    a scratch buffer; 0 for rows that see no key)."""
     b0, b1, h0, h1 = grp
     qb, alpha = bl.q_block(grp, q0, q1)  # (n, G*bq, D), q * scale / alpha
     dob = bl.q_rows(rows["do"], grp, q0, q1)  # (n, G*bq, Dv)
+    if rows["inv"] is not None or dob.dtype != bl.ct:  # times inv_sum, in cache
+        dst = bl.buffer("do", *dob.shape)
+        if rows["inv"] is None:
+            dst.copy_(dob)
+        else:
+            torch.mul(dob, bl.q_rows(rows["inv"], grp, q0, q1), out=dst)
+        dob = dst
     mb = bl.q_rows(rows["max"], grp, q0, q1)  # (n, G*bq, 1)
     db = bl.q_rows(rows["delta"], grp, q0, q1)  # (n, G*bq, 1)
-    dqb = None
-    for (r0, r1, c0, c1, state, edges), _ in bl.unit_tiles(q0, q1)[0]:
+    tiles, unstarted = bl.unit_tiles(q0, q1)
+    if dqb is None:
+        dqb = bl.buffer("dq", *qb.shape)  # (n, G*bq, D)
+    if unstarted:
+        dqb.zero_()
+    for (r0, r1, c0, c1, state, edges), fresh in tiles:
         whole = r0 == q0 and r1 == q1
         kb = bl.kv_rows(bl.k2, grp, c0, c1)  # (n, c, D)
         vb = bl.kv_rows(bl.v2, grp, c0, c1)  # (n, c, Dv)
@@ -324,14 +341,11 @@ def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor],
         ds = dp.sub_(dt).mul_(p)  # (n, r, c) gradient of the (masked) scaled scores
         if dbias is not None:
             _add_bias_grad(dbias, bl.heads_view(ds, grp, r1 - r0), grp, bl.g, r0, r1, c0, c1)
-        if dqb is None and not whole:  # a tile of some rows: the others get 0
-            dqb = torch.zeros(qb.shape, dtype=bl.ct, device=bl.device)
-        if dqb is None:
-            dqb = torch.bmm(ds, kb)  # (n, G*bq, D)
-        elif whole:
-            dqb.baddbmm_(ds, kb)
+        dqt = dqb if whole else dqb.narrow(1, r0 - q0, r1 - r0)  # (n, r, D)
+        if fresh:  # the first tile of these rows: beta=0, what dqt held is not read
+            torch.baddbmm(dqt, ds, kb, beta=0.0, alpha=bl.scale, out=dqt)
         else:
-            dqb.narrow(1, r0 - q0, r1 - r0).baddbmm_(ds, kb)
+            dqt.baddbmm_(ds, kb, alpha=bl.scale)
         bl.kv_rows(dk, grp, c0, c1).baddbmm_(ds.transpose(1, 2), qt, alpha=alpha)
     return dqb
 
