@@ -28,11 +28,13 @@ BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 18, "cuda": 1 << 24}
 #: Keys per block, per device type (queries per block follow from BLOCK_ELEMENTS).
 BLOCK_K: dict[str, int] = {"cpu": 512, "cuda": 1024}
 #: Rows per tile on blocks that the band (causal/window) cuts, per device type (0: never
-#: split). On CPU a 512 x 512 block on the diagonal is computed as four tiles of 128 rows,
-#: each trimmed to the keys its rows can see: the hidden half of the block is (mostly)
-#: skipped, and the band is applied only near the diagonal. On GPUs more, smaller
-#: operations cost more launches than the skipped work saves.
-BAND_ROWS: dict[str, int] = {"cpu": 128, "cuda": 0}
+#: split). On CPU a 512 x 512 block on the diagonal is computed as two tiles of 256 rows,
+#: each trimmed to the keys its rows can see: a quarter of the block (half of its hidden
+#: part) is skipped, and the band is applied only near the diagonal. Tiles of 128 rows
+#: skip more but cost as much in all (smaller products, more operations) at one thread
+#: and more at two, where threads wait for each other between operations. On GPUs more,
+#: smaller operations cost more launches than the skipped work saves.
+BAND_ROWS: dict[str, int] = {"cpu": 256, "cuda": 0}
 _MIN_BLOCK_Q, _MAX_BLOCK_Q = 32, 1024
 
 #: CPU threads a chunked call is split over (None: ``torch.get_num_threads()``). Each
