@@ -147,7 +147,7 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int,
         new_max = torch.maximum(p.amax(dim=-1, keepdim=True), mt)  # (n, r, 1)
         bl.exp_shifted_(p, new_max, masked)
         rescale = mt.sub_(new_max).exp_()  # (n, r, 1), in row_max's storage
-        st.mul_(rescale).add_(p.sum(dim=-1, keepdim=True))
+        torch.addcmul(p.sum(dim=-1, keepdim=True), st, rescale, out=st)  # st*rescale + sum
         at.mul_(rescale)
         if bl.dropout > 0:
             bl.drop_(p, grp, r0, r1, c0, c1)
