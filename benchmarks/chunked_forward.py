@@ -6,6 +6,7 @@
     python benchmarks/chunked_forward.py --length 2048 --rounds 9
     python benchmarks/chunked_forward.py --other /path/to/src  # also an older qkv, side by side
     python benchmarks/chunked_forward.py --backward         # forward + backward instead
+    python benchmarks/chunked_forward.py --threads 1 --cpu-time   # CPU time, not wall clock
 
 Each round runs every implementation once, non-causal and causal, in turns; the table
 gives each one's median over the rounds and the ratio to SDPA's median. ``--other`` loads a
@@ -48,7 +49,15 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--other", type=Path, default=None, help="src folder of another qkv")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time the calling thread's CPU time, not the wall clock (--threads 1 "
+                        "only): time the thread spent waiting for a core shared with other "
+                        "jobs is left out")
     args = p.parse_args(argv)
+    if args.cpu_time and args.threads != 1:
+        p.error(f"--cpu-time measures one thread; got --threads {args.threads}. "
+                "Fix: add --threads 1, or drop --cpu-time")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     impls = {"this": _load(ROOT / "src", "qkv_this")}
     if args.other is not None:
@@ -80,12 +89,13 @@ def main(argv=None) -> None:
             fn()
         for _ in range(args.rounds):
             for n, fn in fns.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                times[n].append(time.perf_counter() - t0)
+                times[n].append(clock() - t0)
     print(f"L={args.length} H={args.heads} D={args.dim} float32, "
           f"{'forward+backward' if args.backward else 'forward'}, threads={args.threads}, "
-          f"median of {args.rounds} interleaved rounds")
+          f"median of {args.rounds} interleaved rounds"
+          f"{' (CPU time of the calling thread)' if args.cpu_time else ''}")
     print(f"{'impl':<26}{'median s':>10}{'vs SDPA':>9}")
     for n, ts in times.items():
         base = statistics.median(times["sdpa causal" if "causal" in n else "sdpa"])

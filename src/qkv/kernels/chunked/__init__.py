@@ -27,10 +27,14 @@ float ``max + log(sum)`` rounds ``log(sum)`` away. A NaN score makes its row NaN
 propagates); a row that sees no key gives 0.
 
 Masks. A :class:`~qkv.masks.Mask` hides keys from queries; a hidden position is *selected*
-to ``-inf`` (``torch.where``), so NaN stored there does not leak. A block that the band
-(causal/window) hides entirely is skipped without computing it, so causal attention costs
-about half; a block the band leaves entirely visible and with no tensor mask is computed
-with no mask at all. Tensor masks are sliced per block with :meth:`Mask.block`; size-1
+to ``-inf`` (``torch.where``; for the band alone ``tril_``/``triu_``, then a 0/-inf
+bias), so NaN stored there does not leak. A block that the band (causal/window) hides
+entirely is skipped without computing it, so causal attention costs about half; a block
+the band leaves entirely visible and with no tensor mask is computed with no mask at all.
+A block the band cuts is trimmed to the keys its queries can see and (one query head per
+kv head) split into tiles of :data:`BAND_ROWS` queries, each trimmed to its own keys
+(``Blocks.unit_tiles``), with the band applied only to the key columns where it hides
+something. Tensor masks are sliced per block with :meth:`Mask.block`; size-1
 (broadcast) dimensions stay size 1. A query that sees no key gets output 0, ``lse = -inf``
 and zero gradients.
 
@@ -72,9 +76,10 @@ order. So results never depend on thread timing.
 Where it lives: :mod:`.planning` (block sizes), :mod:`.threads` (CPU threads),
 :mod:`.dropout` (the hash), :mod:`.blocks` (one block of scores), :mod:`.core` (forward,
 weights, backward, merge) and :mod:`.backend` (the autograd Function and the backend).
-The settings :data:`WORKERS`, :data:`BLOCK_ELEMENTS` and :data:`BLOCK_K` are set here, on
-the package (``qkv.kernels.chunked.WORKERS = 2``). ``backend="auto"`` prefers this backend
-when the reference would need more than ``qkv.kernels.REFERENCE_MEMORY_BUDGET`` bytes.
+The settings :data:`WORKERS`, :data:`BLOCK_ELEMENTS`, :data:`BLOCK_K` and
+:data:`BAND_ROWS` are set here, on the package (``qkv.kernels.chunked.WORKERS = 2``).
+``backend="auto"`` prefers this backend when the reference would need more than
+``qkv.kernels.REFERENCE_MEMORY_BUDGET`` bytes.
 """
 
 from __future__ import annotations
@@ -86,10 +91,11 @@ from . import planning, threads
 from .backend import ChunkedBackend, chunked_attention
 from .core import chunked_backward, chunked_forward, chunked_weights, merge_partials
 from .dropout import draw_seed, dropout_keep
-from .planning import BLOCK_ELEMENTS, BLOCK_K, Plan, block_sizes, plan_blocks
+from .planning import BAND_ROWS, BLOCK_ELEMENTS, BLOCK_K, Plan, block_sizes, plan_blocks
 from .threads import WORKERS
 
 __all__ = [
+    "BAND_ROWS",
     "BLOCK_ELEMENTS",
     "BLOCK_K",
     "WORKERS",
@@ -108,7 +114,8 @@ __all__ = [
 
 # The settings are read where they are used (planning, threads); setting one on this package
 # (``qkv.kernels.chunked.WORKERS = 2``, or pytest's monkeypatch) sets it there too.
-_SETTINGS = {"WORKERS": threads, "BLOCK_ELEMENTS": planning, "BLOCK_K": planning}
+_SETTINGS = {"WORKERS": threads, "BLOCK_ELEMENTS": planning, "BLOCK_K": planning,
+             "BAND_ROWS": planning}
 
 
 class _Package(types.ModuleType):

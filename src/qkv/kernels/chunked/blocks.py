@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -20,6 +21,7 @@ from .planning import Plan
 from .threads import Queue, split, workers
 
 LOG2E = 1.0 / math.log(2.0)  # exp(x) = exp2(x * LOG2E)
+_ALIGN = 16  # keys: the band's edges in a tile are widened to multiples of this
 
 
 class Blocks:
@@ -49,8 +51,12 @@ class Blocks:
         self.v2 = None if v is None else v.to(self.ct).reshape(b * hkv, lk, v.shape[-1])
         self.neg_inf = torch.full((), float("-inf"), dtype=self.ct, device=self.device)
         self.zero = torch.zeros((), dtype=self.ct, device=self.device)
-        self._band_cache: dict[tuple[int, int, int], Tensor] = {}
+        self.one = torch.ones((), dtype=self.ct, device=self.device)
+        self.log2e = torch.full((), LOG2E, dtype=self.ct, device=self.device)
+        self._band_cache: dict[tuple[int, int, int], Tensor] = {}  # (1, 1, bq, bk) each
+        self._edge_cache: dict[tuple[int, int, int], Tensor] = {}  # (r, e) bias each
         self._views: dict[tuple, object] = {}  # kv_rows and kT views, per call
+        self._tiles: dict[tuple[int, int], list] = {}  # unit_tiles, per call
         self.has_tensor_mask = mask.has_tensor
         self._local = threading.local()  # scratch buffers, one set per thread
 
@@ -79,8 +85,8 @@ class Blocks:
             for q0 in range(0, self.lq, self.plan.block_q):
                 q1 = min(q0 + self.plan.block_q, self.lq)
                 units.append((grp, q0, q1))
-                costs.append(heads * (q1 - q0) * sum(k1 - k0 for k0, k1, _ in
-                                                     self.states(q0, q1)))
+                costs.append(heads * sum((t.r1 - t.r0) * (t.c1 - t.c0)
+                                         for t, _ in self.unit_tiles(q0, q1)[0]))
         n = max(1, min(workers(self.device), len(units)))
         if fixed:
             return split(units, costs, n)
@@ -94,6 +100,72 @@ class Blocks:
             state = self.mask.band_block_state(q0, q1, k0, k1)
             if state is not BlockState.HIDDEN:
                 yield k0, k1, state
+
+    def unit_tiles(self, q0: int, q1: int) -> tuple[list[tuple[Tile, bool]], bool]:
+        """:meth:`tiles` of queries q0:q1, the tiles of some of the rows first, each with
+        whether it is the first to touch its rows (an online softmax then starts them
+        without rescaling); and whether some rows are not started by a tile (they see
+        no key, or the first tile of theirs is not the first for all of its rows). Made
+        once per call: every head group has the same."""
+        hit = self._tiles.get((q0, q1))
+        if hit is not None:
+            return hit
+        # sorted() is stable: key order is kept among the row tiles and the whole ones.
+        tiles = sorted(self.tiles(q0, q1), key=lambda t: (t.r0, t.r1) == (q0, q1))
+        out, seen, whole_seen = [], {}, False
+        for t in tiles:
+            if (t.r0, t.r1) == (q0, q1):
+                out.append((t, not whole_seen and not seen))
+                whole_seen = True
+            else:  # row tiles share one grid of rows: r0 names the rows
+                out.append((t, not whole_seen and t.r0 not in seen))
+                seen[t.r0] = t.r1
+        # Row tiles come first, so each is the first of its rows: they start all rows
+        # when they cover them; a whole tile first starts them all.
+        started = sum(r1 - r0 for r0, r1 in seen.items())
+        unstarted = not out or (bool(seen) and started < q1 - q0)
+        hit = self._tiles[(q0, q1)] = (out, unstarted)
+        return hit
+
+    def tiles(self, q0: int, q1: int) -> Iterator[Tile]:
+        """The rectangles to compute for queries q0:q1, in key order: each key block the
+        band leaves visible whole; one the band cuts trimmed to the keys its rows can see,
+        and (one query head per kv head, ``plan.band_rows`` set) split into tiles of that
+        many rows, each trimmed to its own keys, so the hidden part of a block on the
+        diagonal is mostly skipped."""
+        step = self.plan.band_rows if self.g == 1 and self.plan.band_rows > 0 else q1 - q0
+        for k0, k1, state in self.states(q0, q1):
+            if state is BlockState.VISIBLE:
+                yield Tile(q0, q1, k0, k1, state, ())
+                continue
+            for r0 in range(q0, q1, step):
+                tile = self._band_tile(r0, min(r0 + step, q1), k0, k1)
+                if tile is not None:
+                    yield tile
+
+    def _band_tile(self, r0: int, r1: int, k0: int, k1: int) -> Tile | None:
+        """Queries r0:r1 x keys k0:k1 trimmed to the keys the band lets any of them see,
+        with the column ranges where it hides some pairs (None: it hides all)."""
+        m = self.mask
+        lo, hi = r0 + m.offset, r1 - 1 + m.offset  # the diagonal at the first / last row
+        c0 = k0 if m.left is None else max(k0, lo - m.left)
+        c1 = k1 if m.right is None else min(k1, hi + m.right + 1)
+        if c0 >= c1:
+            return None
+        state = m.band_block_state(r0, r1, c0, c1)
+        if state is BlockState.HIDDEN:
+            return None
+        if state is BlockState.VISIBLE:
+            return Tile(r0, r1, c0, c1, state, ())
+        # Keys every row sees: [a, b); the band hides some pairs only left and right of it.
+        # Both are rounded inwards to a multiple of _ALIGN keys from c0: element-wise
+        # passes over column ranges that start and end aligned run at full vector speed.
+        a = c0 if m.left is None else min(max(c0, hi - m.left), c1)
+        b = c1 if m.right is None else max(min(c1, lo + m.right + 1), a)
+        a = min(c0 + -(-(a - c0) // _ALIGN) * _ALIGN, c1)
+        b = max(c0 + (b - c0) // _ALIGN * _ALIGN, a) if b < c1 else c1
+        edges = tuple((e0, e1) for e0, e1 in ((c0, a), (b, c1)) if e1 > e0)
+        return Tile(r0, r1, c0, c1, state, edges)
 
     # -- slicing --
     def buffer(self, name: str, n: int, rows: int, cols: int) -> Tensor:
@@ -131,6 +203,17 @@ class Blocks:
             dst.copy_(src).mul_(self.scale)
         return buf
 
+    def q_block(self, grp, q0: int, q1: int) -> tuple[Tensor, float]:
+        """Queries q0:q1 of the group in the compute dtype ``(n, G*bq, D)`` and the factor
+        the products with them still need: with one query head per kv head, q itself (a
+        view) and ``scale``, which the matrix products apply for free; else
+        :meth:`q_scaled` and 1."""
+        if self.g == 1 and self.q5.dtype == self.ct:
+            b0, b1, h0, h1 = grp
+            qb = self.q5[b0:b1, h0:h1, 0, q0:q1]  # (b, Hkv', bq, D)
+            return qb.reshape((b1 - b0) * (h1 - h0), q1 - q0, qb.shape[-1]), self.scale
+        return self.q_scaled(grp, q0, q1), 1.0
+
     def kv_rows(self, t: Tensor, grp, k0: int, k1: int) -> Tensor:
         """Keys k0:k1 of a (B*Hkv, Lk, X) tensor for the group: (n, bk, X)."""
         # Every query block asks for the same views again: slicing them costs more than
@@ -154,20 +237,39 @@ class Blocks:
 
     # -- one block --
     def scores(self, qb: Tensor, grp, q0: int, q1: int, k0: int, k1: int,
-               state: BlockState) -> tuple[Tensor, bool]:
+               state: BlockState, edges: tuple[tuple[int, int], ...] = (), alpha: float = 1.0
+               ) -> tuple[Tensor, bool | tuple[tuple[int, int], ...]]:
         """Masked scaled scores of the block: ``(n, G*bq, bk)``, ``-inf`` where hidden,
-        and whether a mask was applied (only then can a score be ``-inf`` or very low).
+        and where a mask was applied (only there can a score be ``-inf`` or very low):
+        False (nowhere), True (anywhere) or the column ranges of ``edges`` (from 0).
 
-        ``qb (n, G*bq, D)`` holds the group's queries q0:q1 times ``scale``. The
-        result lives in this thread's scratch buffer "s" until the next call.
+        ``qb (n, G*bq, D)`` holds the group's queries q0:q1 times ``scale / alpha``
+        (:meth:`q_block`). ``edges``: the key ranges of a :class:`Tile` outside which the
+        band hides nothing. The result lives in this thread's scratch buffer "s" until the
+        next call.
         """
         kt = self._views.get(("kT", grp, k0, k1))  # (n, D, bk)
         if kt is None:
             kt = self._views[("kT", grp, k0, k1)] = self.kv_rows(self.k2, grp, k0, k1).mT
         s = self.buffer("s", qb.shape[0], qb.shape[1], k1 - k0)  # (n, G*bq, bk)
-        torch.bmm(qb, kt, out=s)
+        if alpha == 1.0:
+            torch.bmm(qb, kt, out=s)
+        else:  # beta=0: what s held is not read
+            torch.baddbmm(s, qb, kt, beta=0.0, alpha=alpha, out=s)
         if state is BlockState.VISIBLE and not self.has_tensor_mask:
             return s, False
+        if edges and not self.has_tensor_mask:  # the band alone, applied where it cuts
+            rows = q1 - q0
+            s4 = s if self.g == 1 else s.view(s.shape[0], self.g, rows, k1 - k0)  # (n,[G,]r,c)
+            cols = []
+            for e0, e1 in edges:
+                part = s4.narrow(-1, e0 - k0, e1 - e0)  # (n, [G,] r, e), a view
+                self._band_edge_(part, q0, q1, e0, e1)
+                cols.append((e0 - k0, e1 - k0))
+            return s, tuple(cols)
+        if not self.has_tensor_mask:  # the band alone (state PARTIAL): as on an edge
+            self._band_edge_(self.heads_view(s, grp, q1 - q0), q0, q1, k0, k1)
+            return s, True
         allowed, bias = self.block_mask(grp, q0, q1, k0, k1, state)
         if allowed is not None or bias is not None:
             s4 = self.heads_view(s, grp, q1 - q0)  # (b, Hq', bq, bk)
@@ -178,17 +280,49 @@ class Blocks:
             return s, True
         return s, False
 
-    def exp_shifted_(self, s: Tensor, shift: Tensor, masked: bool) -> Tensor:
+    def _band_edge_(self, part: Tensor, q0: int, q1: int, e0: int, e1: int) -> None:
+        """Set the scores ``part (..., q1-q0, e1-e0)`` of queries q0:q1 x keys e0:e1 that
+        the band hides to ``-inf``, in place. ``tril_``/``triu_`` replace them (NaN
+        too) by 0, then a bias of 0 / ``-inf`` is added: a few times faster than
+        ``torch.where`` with a bool mask, and as exact (``x + 0 = x``)."""
+        m = self.mask
+        d = e0 - q0 - m.offset  # key e0 - k0 + j sits d + j - i right of query i's diagonal
+        key = (d, q1 - q0, e1 - e0)
+        bias = self._edge_cache.get(key)  # (r, e): 0 visible, -inf hidden
+        if bias is None:
+            band = m.band(q0, q1, e0, e1, self.device)
+            bias = torch.zeros(band.shape, dtype=self.ct, device=self.device)
+            bias = self._edge_cache[key] = bias.masked_fill_(~band, float("-inf"))
+        if m.right is not None:
+            part.tril_(m.right - d)  # keeps j - i <= right - d
+        if m.left is not None:
+            part.triu_(-m.left - d)  # keeps j - i >= -left - d
+        part.add_(bias)
+
+    def exp_shifted_(self, s: Tensor, shift: Tensor,
+                     masked: bool | tuple[tuple[int, int], ...]) -> Tensor:
         """``exp(s - shift)`` in place (``s (n, rows, bk)``, ``shift (n, rows, 1)``).
 
         On CPU, PyTorch's ``exp`` takes a slow path (several times slower per element) on
         arguments that underflow, as ``-inf`` for hidden keys does; ``exp2`` has no such
         path, so masked blocks go through ``exp2(x * log2(e))``: 0 stays exactly 0.
+        ``masked``: as :meth:`scores` returns it; given column ranges, only those columns
+        take the ``exp2`` path (``exp`` is faster on the others).
         """
         s.sub_(shift)
-        if masked and self.device.type == "cpu":
-            return s.mul_(LOG2E).exp2_()
-        return s.exp_()
+        if not masked or self.device.type != "cpu":
+            return s.exp_()
+        if masked is True:
+            return s.mul_(self.log2e).exp2_()
+        done = 0  # columns [done, a) lie between the ranges: no mask there
+        for a, b in masked:
+            if a > done:
+                s.narrow(-1, done, a - done).exp_()
+            s.narrow(-1, a, b - a).mul_(self.log2e).exp2_()
+            done = b
+        if done < s.shape[-1]:
+            s.narrow(-1, done, s.shape[-1] - done).exp_()
+        return s
 
     def block_mask(self, grp, q0, q1, k0, k1, state) -> tuple[Tensor | None, Tensor | None]:
         """(allowed, bias) of the block for the group's batch rows and heads; None, None
@@ -228,6 +362,18 @@ class Blocks:
         p4 = self.heads_view(p, grp, q1 - q0)  # (b, Hq', bq, bk)
         torch.where(self.keep(grp, q0, q1, k0, k1), p4, self.zero, out=p4)
         return p.mul_(1.0 / (1.0 - self.dropout))
+
+
+class Tile(NamedTuple):
+    """Queries r0:r1 x keys c0:c1 of one unit; ``edges``: the key ranges in which the band
+    hides some pairs (empty when it hides none)."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    state: BlockState
+    edges: tuple[tuple[int, int], ...]
 
 
 def _slice_heads(t: Tensor, bs: slice, hs: slice) -> Tensor:

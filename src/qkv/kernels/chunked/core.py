@@ -72,35 +72,46 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *
     def work(_: int, share: list) -> None:
         for grp, q0, q1 in share:
             b0, b1, h0, h1 = grp
-            o, m, total = _forward_rows(bl, grp, q0, q1)  # (n, G*bq, Dv), 2x (n, G*bq, 1)
             rows = (b1 - b0, h1 - h0, bl.g, q1 - q0)
-            out[b0:b1, h0:h1, :, q0:q1] = o.view(*rows, dv)
+            dst = out[b0:b1, h0:h1, :, q0:q1]  # (b, Hkv', G, bq, Dv)
+            # With one query head per kv head (or all queries) the rows of the group are
+            # one (n, G*bq, Dv) view of out: the online softmax accumulates there directly.
+            direct = bl.g == 1 or (q0 == 0 and q1 == bl.lq)
+            acc = dst.view(rows[0] * rows[1], -1, dv) if direct else None
+            o, m, total = _forward_rows(bl, grp, q0, q1, acc)  # (n, G*bq, Dv), 2x (n, G*bq, 1)
+            # Normalised here, while in cache. A row that saw a visible key has row_sum >= 1
+            # (its max contributes exp(0)), or NaN (a NaN score propagates); one that saw
+            # none has row_sum 0 and output 0 (even where hidden values hold NaN).
+            seen = total != 0  # (n, G*bq, 1)
+            denom = torch.where(seen, total, bl.one)
+            if direct:
+                o.div_(denom)
+            else:
+                torch.div(o.view(*rows, dv), denom.view(*rows, 1), out=dst)
+            dst.masked_fill_(seen.logical_not_().view(*rows, 1), 0.0)
             row_max[b0:b1, h0:h1, :, q0:q1] = m.view(rows)
             row_sum[b0:b1, h0:h1, :, q0:q1] = total.view(rows)
 
     run_shares(bl.shares(fixed=False), work)
     out = out.view(bl.b, bl.hq, bl.lq, dv)
     row_max, row_sum = row_max.view(bl.b, bl.hq, bl.lq), row_sum.view(bl.b, bl.hq, bl.lq)
-    # Normalised here, once for all rows. A row that saw a visible key has row_sum >= 1
-    # (its max contributes exp(0)), or NaN (a NaN score propagates); one that saw none has
-    # row_sum 0, output 0 (even where hidden values hold NaN) and lse -inf.
-    seen = row_sum != 0  # (B, Hq, Lq)
-    hidden = ~seen
-    out.div_(torch.where(seen, row_sum, 1.0).unsqueeze(-1)).masked_fill_(hidden.unsqueeze(-1), 0.0)
-    row_max.masked_fill_(hidden, float("-inf"))
+    seen = row_sum != 0  # (B, Hq, Lq); a row that saw no key: lse -inf
+    row_max.masked_fill_(~seen, float("-inf"))
     if stats:
         return out, (row_max, torch.where(seen, 1.0 / row_sum, 0.0))
     return out, torch.where(seen, row_max + torch.log(row_sum), float("-inf"))
 
 
-def _forward_rows(bl: Blocks, grp, q0: int, q1: int) -> tuple[Tensor, Tensor, Tensor]:
+def _forward_rows(bl: Blocks, grp, q0: int, q1: int,
+                  acc: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The online softmax over every key block for queries q0:q1 of one head group.
 
     Returns the unnormalised output ``(n, G*bq, Dv)`` (the sum of ``exp(score - max) *
-    value``), the row max and the row's sum of ``exp(score - max)`` (each ``(n, G*bq,
-    1)``; the sum is 0 where the row sees no key, and its max is then meaningless).
+    value``; in ``acc`` when given, else in a scratch buffer), the row max and the row's
+    sum of ``exp(score - max)`` (each ``(n, G*bq, 1)``; the sum is 0 where the row sees no
+    key, and its max is then meaningless).
     """
-    qb = bl.q_scaled(grp, q0, q1)  # (n, G*bq, D), q * scale
+    qb, alpha = bl.q_block(grp, q0, q1)  # (n, G*bq, D), q * scale / alpha
     n, rows = qb.shape[0], qb.shape[1]
     dv = bl.v2.shape[-1]
     # The running max starts at the lowest finite value, not -inf: a row that has seen no
@@ -108,31 +119,43 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int) -> tuple[Tensor, Tensor, Te
     # exp(0) = 1 (its sums are 0), with no per-block test for -inf.
     row_max = torch.full((n, rows, 1), torch.finfo(bl.ct).min, dtype=bl.ct, device=bl.device)
     row_sum = torch.zeros((n, rows, 1), dtype=bl.ct, device=bl.device)
-    # The caller copies acc out before this thread's next unit: a reused buffer stays in
-    # cache, where a fresh tensor would be written cold by the first product.
-    acc = bl.buffer("acc", n, rows, dv)  # (n, G*bq, Dv)
-    first = True
-    for k0, k1, state in bl.states(q0, q1):
-        p, masked = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk), -inf = hidden
-        new_max = torch.maximum(p.amax(dim=-1, keepdim=True), row_max)  # (n, G*bq, 1)
-        bl.exp_shifted_(p, new_max, masked)  # unnormalised weights, 0 where hidden
-        if first:
-            torch.sum(p, dim=-1, keepdim=True, out=row_sum)
+    if acc is None:
+        # The caller copies acc out before this thread's next unit: a reused buffer stays
+        # in cache, where a fresh tensor would be written cold by the first product.
+        acc = bl.buffer("acc", n, rows, dv)  # (n, G*bq, Dv)
+    tiles, unstarted = bl.unit_tiles(q0, q1)  # [(tile, first of its rows)], row tiles first
+    if unstarted:
+        acc.zero_()  # rows that no tile starts (they see no key) must read 0
+    for (r0, r1, c0, c1, state, edges), fresh in tiles:
+        whole = r0 == q0 and r1 == q1
+        if whole:
+            qt, mt, st, at = qb, row_max, row_sum, acc
+        else:  # G == 1: rows r0:r1 of the unit, views
+            i, r = r0 - q0, r1 - r0
+            qt, mt = qb.narrow(1, i, r), row_max.narrow(1, i, r)
+            st, at = row_sum.narrow(1, i, r), acc.narrow(1, i, r)
+        p, masked = bl.scores(qt, grp, r0, r1, c0, c1, state, edges, alpha)  # (n, r, c)
+        vb = bl.kv_rows(bl.v2, grp, c0, c1)  # (n, c, Dv)
+        if fresh:  # the first tile of these rows: mt holds the lowest float, st and at 0
+            torch.maximum(p.amax(dim=-1, keepdim=True), mt, out=mt)  # (n, r, 1)
+            bl.exp_shifted_(p, mt, masked)  # unnormalised weights, 0 where hidden
+            torch.sum(p, dim=-1, keepdim=True, out=st)
+            if bl.dropout > 0:  # the sum normalises; the values get the dropped weights
+                bl.drop_(p, grp, r0, r1, c0, c1)
+            torch.bmm(p, vb, out=at)
+            continue
+        new_max = torch.maximum(p.amax(dim=-1, keepdim=True), mt)  # (n, r, 1)
+        bl.exp_shifted_(p, new_max, masked)
+        rescale = mt.sub_(new_max).exp_()  # (n, r, 1), in row_max's storage
+        torch.addcmul(p.sum(dim=-1, keepdim=True), st, rescale, out=st)  # st*rescale + sum
+        at.mul_(rescale)
+        if bl.dropout > 0:
+            bl.drop_(p, grp, r0, r1, c0, c1)
+        at.baddbmm_(p, vb)
+        if whole:
+            row_max = new_max
         else:
-            rescale = row_max.sub_(new_max).exp_()  # (n, G*bq, 1), in row_max's storage
-            row_sum.mul_(rescale).add_(p.sum(dim=-1, keepdim=True))
-            acc.mul_(rescale)
-        if bl.dropout > 0:  # the sum above normalises; the values get the dropped weights
-            bl.drop_(p, grp, q0, q1, k0, k1)
-        vb = bl.kv_rows(bl.v2, grp, k0, k1)  # (n, bk, Dv)
-        if first:
-            torch.bmm(p, vb, out=acc)
-        else:
-            acc.baddbmm_(p, vb)
-        row_max = new_max
-        first = False
-    if first:  # no key block at all: nothing seen
-        acc.zero_()
+            mt.copy_(new_max)
     return acc, row_max, row_sum
 
 
@@ -220,22 +243,24 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor,
     b, hkv, g, lq, lk = bl.b, bl.hkv, bl.g, bl.lq, bl.lk
     d, dv_ = q.shape[-1], v.shape[-1]
     row_max, inv_sum = row_stats(lse)  # (B, Hq, Lq) each
-    do, inv = dout.to(bl.ct), None
+    inv = None
     if not isinstance(lse, Tensor):
         # Blocks recompute exp(score - row_max) = P / inv_sum: exact even at scores of -1e9,
         # where exp(score - lse) would not be (lse rounds at that magnitude). Folding
-        # inv_sum into dout and delta gives dv = P^T dout and dS = P (dP - delta) unchanged.
+        # inv_sum into dout (a block of rows at a time) and delta gives dv = P^T dout and
+        # dS = P (dP - delta) unchanged.
         inv = inv_sum.unsqueeze(-1)  # (B, Hq, Lq, 1)
-        do, delta = do * inv, delta.to(bl.ct) * inv_sum
+        delta = delta.to(bl.ct) * inv_sum
     rows = {
-        "do": do.reshape(b, hkv, g, lq, dv_),  # (B, Hkv, G, Lq, Dv)
+        "do": dout.reshape(b, hkv, g, lq, dv_),  # (B, Hkv, G, Lq, Dv), any dtype
+        "inv": None if inv is None else inv.reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
         "max": row_max.reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
         "delta": delta.to(bl.ct).reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
     }
     dw5 = None if dweights is None else dweights.reshape(b, hkv, g, lq, lk)
     if dw5 is not None and inv is not None:
         dw5 = dw5.to(bl.ct) * inv.reshape(b, hkv, g, lq, 1)  # scaled like dout
-    dq = torch.zeros(b, hkv, g, lq, d, dtype=bl.ct, device=q.device)  # (B, Hkv, G, Lq, D)
+    dq = torch.empty(b, hkv, g, lq, d, dtype=bl.ct, device=q.device)  # (B, Hkv, G, Lq, D)
     shares = bl.shares(fixed=True)
     # dk, dv (and dbias) gather contributions from every query block: one private
     # accumulator per share, summed in a fixed order afterwards.
@@ -245,11 +270,15 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor,
 
     def work(i: int, share: list) -> None:
         for grp, q0, q1 in share:
+            b0, b1, h0, h1 = grp
+            dst = dq[b0:b1, h0:h1, :, q0:q1]  # (b, Hkv', G, bq, D)
+            # As in the forward: dq of the group accumulates in place when it is one view.
+            direct = g == 1 or (q0 == 0 and q1 == lq)
             dqb = _backward_rows(bl, grp, q0, q1, rows, dw5, dks[i], dvs[i],
-                                 None if dbs is None else dbs[i])
-            if dqb is not None:
-                b0, b1, h0, h1 = grp
-                dq[b0:b1, h0:h1, :, q0:q1] = dqb.view(b1 - b0, h1 - h0, g, q1 - q0, d)
+                                 None if dbs is None else dbs[i],
+                                 dst.view((b1 - b0) * (h1 - h0), -1, d) if direct else None)
+            if not direct:
+                dst.copy_(dqb.view(dst.shape))
 
     run_shares(shares, work)
     dk = dks[0] if dks else torch.zeros(b * hkv, lk, d, dtype=bl.ct, device=q.device)
@@ -259,46 +288,65 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor,
         dv.add_(dvs[i])
         if dbs is not None:
             dbias.add_(dbs[i])
-    dq.mul_(scale)  # qb carried the scale already: dk = dS^T qb = scale * dS^T q
     return dq.view(b, bl.hq, lq, d), dk.view(b, hkv, lk, d), dv.view(b, hkv, lk, dv_)
 
 
-def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor],
-                   dw5: Tensor | None, dk: Tensor, dv: Tensor,
-                   dbias: Tensor | None) -> Tensor | None:
+def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor | None],
+                   dw5: Tensor | None, dk: Tensor, dv: Tensor, dbias: Tensor | None,
+                   dqb: Tensor | None = None) -> Tensor:
     """Gradients from queries q0:q1 of one head group: adds into ``dk``, ``dv`` (and
-    ``dbias``), returns this block's unscaled ``dq (n, G*bq, D)`` (None: it sees no key)."""
+    ``dbias``), returns this block's ``dq (n, G*bq, D)`` (in ``dqb`` when given, else in
+    a scratch buffer; 0 for rows that see no key)."""
     b0, b1, h0, h1 = grp
-    qb = bl.q_scaled(grp, q0, q1)  # (n, G*bq, D), q * scale
+    qb, alpha = bl.q_block(grp, q0, q1)  # (n, G*bq, D), q * scale / alpha
     dob = bl.q_rows(rows["do"], grp, q0, q1)  # (n, G*bq, Dv)
+    if rows["inv"] is not None or dob.dtype != bl.ct:  # times inv_sum, in cache
+        dst = bl.buffer("do", *dob.shape)
+        if rows["inv"] is None:
+            dst.copy_(dob)
+        else:
+            torch.mul(dob, bl.q_rows(rows["inv"], grp, q0, q1), out=dst)
+        dob = dst
     mb = bl.q_rows(rows["max"], grp, q0, q1)  # (n, G*bq, 1)
     db = bl.q_rows(rows["delta"], grp, q0, q1)  # (n, G*bq, 1)
-    dqb = None
-    for k0, k1, state in bl.states(q0, q1):
-        kb = bl.kv_rows(bl.k2, grp, k0, k1)  # (n, bk, D)
-        vb = bl.kv_rows(bl.v2, grp, k0, k1)  # (n, bk, Dv)
-        s, masked = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk)
-        p = bl.exp_shifted_(s, mb, masked)  # (n, G*bq, bk) weights / inv_sum
-        dp = bl.buffer("dp", *p.shape)  # (n, G*bq, bk)
-        torch.bmm(dob, vb.transpose(1, 2), out=dp)  # gradient of the applied weights
+    tiles, unstarted = bl.unit_tiles(q0, q1)
+    if dqb is None:
+        dqb = bl.buffer("dq", *qb.shape)  # (n, G*bq, D)
+    if unstarted:
+        dqb.zero_()
+    for (r0, r1, c0, c1, state, edges), fresh in tiles:
+        whole = r0 == q0 and r1 == q1
+        kb = bl.kv_rows(bl.k2, grp, c0, c1)  # (n, c, D)
+        vb = bl.kv_rows(bl.v2, grp, c0, c1)  # (n, c, Dv)
+        if whole:
+            qt, dot, mt, dt = qb, dob, mb, db
+        else:  # G == 1: rows r0:r1 of the unit, views
+            i, r = r0 - q0, r1 - r0
+            qt, dot = qb.narrow(1, i, r), dob.narrow(1, i, r)  # (n, r, D), (n, r, Dv)
+            mt, dt = mb.narrow(1, i, r), db.narrow(1, i, r)  # (n, r, 1)
+        s, masked = bl.scores(qt, grp, r0, r1, c0, c1, state, edges, alpha)  # (n, r, c)
+        p = bl.exp_shifted_(s, mt, masked)  # (n, r, c) weights / inv_sum
+        dp = bl.buffer("dp", *p.shape)  # (n, r, c)
+        torch.bmm(dot, vb.transpose(1, 2), out=dp)  # gradient of the applied weights
         if dw5 is not None:
-            dwb = dw5[b0:b1, h0:h1, :, q0:q1, k0:k1]  # (b, Hkv', G, bq, bk)
+            dwb = dw5[b0:b1, h0:h1, :, r0:r1, c0:c1]  # (b, Hkv', G, r, c)
             dp.view(dwb.shape).add_(dwb)
         if bl.dropout > 0:
             pd = bl.buffer("pd", *p.shape)
-            bl.drop_(pd.copy_(p), grp, q0, q1, k0, k1)  # the weights applied to the values
-            bl.drop_(dp, grp, q0, q1, k0, k1)  # back through the same dropout
+            bl.drop_(pd.copy_(p), grp, r0, r1, c0, c1)  # the weights applied to the values
+            bl.drop_(dp, grp, r0, r1, c0, c1)  # back through the same dropout
         else:
             pd = p
-        bl.kv_rows(dv, grp, k0, k1).baddbmm_(pd.transpose(1, 2), dob)
-        ds = dp.sub_(db).mul_(p)  # (n, G*bq, bk) gradient of the (masked) scaled scores
+        bl.kv_rows(dv, grp, c0, c1).baddbmm_(pd.transpose(1, 2), dot)
+        ds = dp.sub_(dt).mul_(p)  # (n, r, c) gradient of the (masked) scaled scores
         if dbias is not None:
-            _add_bias_grad(dbias, bl.heads_view(ds, grp, q1 - q0), grp, bl.g, q0, q1, k0, k1)
-        if dqb is None:
-            dqb = torch.bmm(ds, kb)  # (n, G*bq, D)
+            _add_bias_grad(dbias, bl.heads_view(ds, grp, r1 - r0), grp, bl.g, r0, r1, c0, c1)
+        dqt = dqb if whole else dqb.narrow(1, r0 - q0, r1 - r0)  # (n, r, D)
+        if fresh:  # the first tile of these rows: beta=0, what dqt held is not read
+            torch.baddbmm(dqt, ds, kb, beta=0.0, alpha=bl.scale, out=dqt)
         else:
-            dqb.baddbmm_(ds, kb)
-        bl.kv_rows(dk, grp, k0, k1).baddbmm_(ds.transpose(1, 2), qb)
+            dqt.baddbmm_(ds, kb, alpha=bl.scale)
+        bl.kv_rows(dk, grp, c0, c1).baddbmm_(ds.transpose(1, 2), qt, alpha=alpha)
     return dqb
 
 

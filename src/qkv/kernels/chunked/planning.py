@@ -18,7 +18,7 @@ from torch import Tensor
 from ...masks import Mask
 from .threads import workers
 
-__all__ = ["BLOCK_ELEMENTS", "BLOCK_K", "Plan", "block_sizes", "plan_blocks"]
+__all__ = ["BAND_ROWS", "BLOCK_ELEMENTS", "BLOCK_K", "Plan", "block_sizes", "plan_blocks"]
 
 #: Most elements of one block of scores, ``heads x block_q x block_k``, per device type.
 #: On CPU a block (1 MiB of float32) stays in a core's L2 cache between the matrix product
@@ -27,6 +27,14 @@ __all__ = ["BLOCK_ELEMENTS", "BLOCK_K", "Plan", "block_sizes", "plan_blocks"]
 BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 18, "cuda": 1 << 24}
 #: Keys per block, per device type (queries per block follow from BLOCK_ELEMENTS).
 BLOCK_K: dict[str, int] = {"cpu": 512, "cuda": 1024}
+#: Rows per tile on blocks that the band (causal/window) cuts, per device type (0: never
+#: split). On CPU a 512 x 512 block on the diagonal is computed as two tiles of 256 rows,
+#: each trimmed to the keys its rows can see: a quarter of the block (half of its hidden
+#: part) is skipped, and the band is applied only near the diagonal. Tiles of 128 rows
+#: skip more but cost as much in all (smaller products, more operations) at one thread
+#: and more at two, where threads wait for each other between operations. On GPUs more,
+#: smaller operations cost more launches than the skipped work saves.
+BAND_ROWS: dict[str, int] = {"cpu": 256, "cuda": 0}
 _MIN_BLOCK_Q, _MAX_BLOCK_Q = 32, 1024
 
 #: CPU threads a chunked call is split over (None: ``torch.get_num_threads()``). Each
@@ -62,6 +70,7 @@ class Plan:
     block_q: int
     block_k: int
     heads: int  # key/value heads (each with its G query heads) computed together
+    band_rows: int = 0  # rows per tile on blocks the band cuts (0: whole blocks)
 
 
 def plan_blocks(q: Tensor, k: Tensor, *, mask: Mask | None = None, block_q: int | None = None,
@@ -104,4 +113,4 @@ def plan_blocks(q: Tensor, k: Tensor, *, mask: Mask | None = None, block_q: int 
         groups = b * -(-hkv // heads) if heads < hkv else -(-b // max(1, heads // hkv))
         while bq > _MIN_BLOCK_Q and groups * -(-lq // bq) < 2 * workers(q.device):
             bq //= 2
-    return Plan(bq, bk, heads)
+    return Plan(bq, bk, heads, BAND_ROWS.get(dev, 0) if mask is not None and mask.has_band else 0)
