@@ -325,7 +325,7 @@ _NAN_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 def _poison(q, k, v, where: str):
     """q, k, v with NaN put in: one query element, one key element (key 0, seen by every
-    row), every key of kv head 0, or one value element."""
+    row; or the last key), every key of kv head 0, or one value element."""
     q, k, v = q.clone(), k.clone(), v.clone()
     if where == "q":
         q[0, 0, -1, 1] = float("nan")
@@ -337,6 +337,8 @@ def _poison(q, k, v, where: str):
         k[0, 0, 0, 2] = float(where[2:])
     elif where == "k_all":
         k[0, 0, :, 0] = float("nan")
+    elif where == "k_last":  # the last key: causal hides it from every row but the last
+        k[0, 0, -1, 2] = float("nan")
     else:
         v[0, -1, 0, 1] = float("nan")
     return q, k, v
@@ -383,13 +385,22 @@ def test_planned_calls_with_gradients_propagate_nan(hq, hkv, lq, lk, causal, whe
 
 
 def _sdpa_drops(q, k, v, causal) -> bool:
-    """SDPA itself leaves a row finite that the oracle makes NaN."""
+    """A CPU kernel SDPA may pick (flash, math) gives another NaN pattern than the oracle:
+    it leaves a row finite that the oracle makes NaN, or lets a key that causal hides
+    reach a row (the math kernel adds the mask to the scores: -inf + NaN is NaN)."""
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     groups = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    out = F.scaled_dot_product_attention(q, kk, vv, is_causal=causal and q.shape[2] > 1)
-    return bool((oracle(q, k, v, causal=causal)[0].isnan() & ~out.isnan()).any())
+    want = oracle(q, k, v, causal=causal)[0].isnan()
+    for kernel in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel([kernel]):
+            out = F.scaled_dot_product_attention(q, kk, vv,
+                                                 is_causal=causal and q.shape[2] > 1)
+        if not torch.equal(out.isnan(), want):
+            return True
+    return False
 
 
 def test_sdpa_drops_nan_where_the_plan_keeps_the_fix_up():
@@ -402,7 +413,7 @@ def test_sdpa_drops_nan_where_the_plan_keeps_the_fix_up():
         for dtype in _NAN_DTYPES:
             clean = rand_qkv(1, hq, hkv, lq, lk, 16, dtype=dtype, seed=1)
             drops = any(_sdpa_drops(*_poison(*clean, w), causal)
-                        for w in ("q", "k_all", "q+inf", "k0+inf"))
+                        for w in ("q", "k_all", "q+inf", "k0+inf", "k_last"))
             run, _ = _plan_of(*clean, causal=causal)
             bare = run is torch.nn.functional.scaled_dot_product_attention or \
                 getattr(run, "func", None) is torch.nn.functional.scaled_dot_product_attention
@@ -451,6 +462,30 @@ def test_decode_runner_with_fixed_keys_checks_them_once(dtype):
     # Keys that held NaN when the runner was made are never trusted.
     run = be.plain_runner(call, any_keys=True, fixed_keys=bad_k)
     assert torch.equal(run(q, bad_k, v).isnan(), oracle(q, bad_k, v)[0].isnan())
+
+
+@pytest.mark.parametrize("where", ["k_last", "q-inf"])
+def test_a_key_causal_hides_stays_hidden_under_every_sdpa_kernel(where):
+    # SDPA's math kernel adds the causal mask to the scores, so a NaN score (or an +inf one,
+    # from a -inf query element against a negative key element) on a hidden key would reach
+    # the rows it is hidden from; the flash kernel, the CPU default, does not. A plan must
+    # hold under both.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = rand_qkv(1, 2, 2, 20, 20, 16, dtype=torch.float32, seed=3)
+    if where == "k_last":
+        q, k, v = _poison(q, k, v, where)
+    else:  # row 0 sees key 0 alone, at score -inf (weight 0); the hidden keys score +inf
+        q[0, 0, 0, 1] = float("-inf")
+        k[0, 0, :, 1] = -k[0, 0, :, 1].abs()
+        k[0, 0, 0, 1] = 1.0
+    want = oracle(q, k, v, causal=True)[0].isnan()
+    assert want.any() != (where != "k_last")  # -inf: no row NaN, row 0 sees no key
+    for kernel in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+        functional._PLANS.clear()
+        with sdpa_kernel([kernel]):
+            for _ in range(2):  # the call that plans, then the planned one
+                assert torch.equal(qkv.attention(q, k, v, causal=True).isnan(), want)
 
 
 def test_a_plan_made_under_one_sdpa_kernel_keeps_nan_under_another():

@@ -210,20 +210,27 @@ def _probe(kw: tuple, dtype, device, groups: int, lq: int, lk: int, d: int, dv: 
                     # Every score NaN (batch 0: NaN queries; 1: NaN keys) or +inf (2: +inf
                     # queries; 3: +inf keys); one score +inf (4) or NaN (5) among finite
                     # ones, on key 0, which every row sees (causal too): every row NaN.
+                    # One score NaN (6) or +inf (7) on the last key, which causal hides
+                    # from every row but the last: only the rows that see it are NaN (a
+                    # kernel that adds the causal mask to the scores lets it through).
                     # One query head per kv head.
-                    qp = torch.ones(6, groups, lq, d, **opts)
-                    kp = torch.ones(6, 1, lk, d, **opts)
-                    vp = torch.ones(6, 1, lk, dv, **opts)
+                    qp = torch.ones(8, groups, lq, d, **opts)
+                    kp = torch.ones(8, 1, lk, d, **opts)
+                    vp = torch.ones(8, 1, lk, dv, **opts)
                     with torch.no_grad():
-                        qp[0] = kp[1] = kp[5, :, 0] = float("nan")
-                        qp[2] = kp[3] = kp[4, :, 0] = float("inf")
+                        qp[0] = kp[1] = kp[5, :, 0] = kp[6, :, -1] = float("nan")
+                        qp[2] = kp[3] = kp[4, :, 0] = kp[7, :, -1] = float("inf")
+                    want = torch.ones(8, 1, lq, 1, dtype=torch.bool, device=device)
+                    if dict(kw).get("is_causal") and lq > 1:  # square: row i sees 0..i
+                        want[6:, :, :-1] = False
                     try:  # a kernel that cannot take these inputs warns why, then raises
                         with _sdpa_kernel([backend]), warnings.catch_warnings():
                             warnings.simplefilter("ignore")
                             out = F.scaled_dot_product_attention(qp, kp, vp, **dict(kw))
                     except RuntimeError:  # so SDPA never picks it here: nothing to ask
                         continue
-                    if not bool(out.detach().isnan().all()):  # (6, groups, lq, dv)
+                    got = out.detach().isnan()  # (8, groups, lq, dv)
+                    if not torch.equal(got, want.expand_as(got)):
                         return True
     except RuntimeError:  # keep the check when in doubt
         return True
