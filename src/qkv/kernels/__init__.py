@@ -106,8 +106,8 @@ def triton_first(call: Call) -> str | None:
     or None when SDPA comes first.
 
     Measured on an H200 (bf16, ``benchmarks/gpu.py`` and ``gpu_calls.py``): qkv's forward
-    kernel ran 1.17-1.29x SDPA's flash kernel at L = 4096 and 16384 but 0.74-1.19x at 1024;
-    its backward 0.63-0.87x flash's; and SDPA's host cost per call is lower, which decides
+    kernel ran 1.14-1.35x SDPA's flash kernel at L = 4096 and 16384 but 0.74-1.19x at 1024;
+    its backward 0.77-1.02x flash's; and SDPA's host cost per call is lower, which decides
     small calls (a decoding step, a small training step). Where SDPA would need a dense
     (Lq x Lk) mask (windows, causal with Lq != Lk, key padding), the kernel reads the band
     and key lengths instead, and wins on memory and time alike. float32 runs in TF32 in

@@ -12,16 +12,17 @@ falls back (only ``-inf`` hides a key).
 
 NaN and inf in a query or key: the SDPA kernels get them wrong in ways qkv's rules forbid.
 The CPU flash kernel returns 0, not NaN, for a row whose visible scores are all NaN when
-the row's key block is shorter than one SIMD vector (Lk < 16 float32 lanes with AVX-512,
-< 8 with AVX2): its scalar tail takes ``std::max``, which drops NaN, and a row whose
-maximum stays ``-inf`` counts as fully masked. In float16/bfloat16 it returns 0 for rows
-with a +inf score (so half-precision calls are always checked). With a mask tensor, a
-NaN or inf key hidden from some queries leaks into their rows (the mask is added to the
-scores, and -inf + NaN is NaN). Such calls are computed by the chunked backend instead,
-which follows the rules (docs/semantics.md): a call with a mask checks q and k with one
-reduction each; a plain call (no mask, or square causal) checks only where SDPA was seen
-to drop NaN or +inf for its signature (:func:`_drops_nan` runs SDPA on such inputs once
-per signature).
+the row's key block is shorter than one SIMD vector (Lk < 16 float32 lanes with AVX-512, <
+8 with AVX2): its scalar tail takes ``std::max``, which drops NaN, and a row whose maximum
+stays ``-inf`` counts as fully masked. In float16/bfloat16 it returns 0 for rows with a
++inf score (so half-precision calls are always checked). With a mask tensor, a NaN or inf
+key hidden from some queries leaks into their rows (the mask is added to the scores, and
+-inf + NaN is NaN); the math kernel does the same with ``is_causal``, on CPU and CUDA, and
+so did the float32 CUDA kernels on an H200. Such calls are computed by the chunked backend
+instead, which follows the rules (docs/semantics.md): a call with a mask checks q and k
+with one reduction each; a plain call (no mask, or square causal) checks only where some
+kernel SDPA may pick was seen to drop NaN or +inf, or to let a key causal hides through,
+for its signature (:func:`_drops_nan` runs each kernel on such inputs once per signature).
 """
 
 from __future__ import annotations
