@@ -17,8 +17,8 @@ the row's key block is shorter than one SIMD vector (Lk < 16 float32 lanes with 
 stays ``-inf`` counts as fully masked. In float16/bfloat16 it returns 0 for rows with a
 +inf score (so half-precision calls are always checked). With a mask tensor, a NaN or inf
 key hidden from some queries leaks into their rows (the mask is added to the scores, and
--inf + NaN is NaN); the math kernel does the same with ``is_causal``, on CPU and CUDA, and
-so did the float32 CUDA kernels on an H200. Such calls are computed by the chunked backend
+-inf + NaN is NaN); the CPU math kernel does the same with ``is_causal``, and so did the
+float32 CUDA kernels on an H200. Such calls are computed by the chunked backend
 instead, which follows the rules (docs/semantics.md): a call with a mask checks q and k
 with one reduction each; a plain call (no mask, or square causal) checks only where some
 kernel SDPA may pick was seen to drop NaN or +inf, or to let a key causal hides through,
