@@ -19,13 +19,15 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # the checkout's qkv, even when another is installed
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu import median_ms  # noqa: E402  (CUDA-event medians, warm-up first)
 
 #: (block_m, block_n, num_warps, num_stages[, split_d]) per kernel and head dim
 FWD = {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
@@ -40,20 +42,6 @@ BWD = {64: [(32, 128, 8, 2), (16, 128, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2),
 # read shared memory out of bounds (compute-sanitizer), which ends the CUDA context.
 
 
-def median_ms(fn, reps: int = 10) -> float:
-    import torch
-
-    fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    for start, stop in events:
-        start.record()
-        fn()
-        stop.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
 def time_one(kind: str, qkv_, dout, causal: bool) -> float:
     """Median ms of the forward (``kind="fwd"``) or of the backward alone."""
     import torch
@@ -62,7 +50,8 @@ def time_one(kind: str, qkv_, dout, causal: bool) -> float:
 
     if kind == "fwd":
         with torch.no_grad():
-            return median_ms(lambda: qkv.attention(*qkv_, causal=causal, backend="triton"))
+            return median_ms(lambda: qkv.attention(*qkv_, causal=causal, backend="triton"),
+                             10, 1)
     if kind == "bwd-det":  # dQ in its own pass, no atomics; the tuner's own configs
         from qkv.kernels.triton.ops import triton_attention
 
@@ -70,7 +59,8 @@ def time_one(kind: str, qkv_, dout, causal: bool) -> float:
                                   right=0 if causal else None, deterministic=True)
     else:
         out = qkv.attention(*qkv_, causal=causal, backend="triton")
-    return median_ms(lambda: torch.autograd.grad(out, qkv_, dout, retain_graph=True))
+    return median_ms(lambda: torch.autograd.grad(out, qkv_, dout, retain_graph=True),
+                     10, 1)
 
 
 def main(argv=None) -> int:

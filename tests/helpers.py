@@ -94,6 +94,20 @@ def assert_lowp_rule(got, want64, baseline, *, factor=2.0, atol=1e-5, what="outp
     )
 
 
+def assert_grads_lowp_rule(grads, q, k, v, dout, *, factor=3.0, baseline=None, **kw):
+    """``grads`` (dq, dk, dv) of a call with options ``kw`` and output gradient ``dout``,
+    against the float64 reference backend's by the derived rule: at most ``factor`` times
+    the error of ``baseline`` (:func:`lowp_baseline` unless given) + 1e-5."""
+    baseline = baseline or lowp_baseline
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(qkv.attention(q64, k64, v64, backend="reference", **kw),
+                               (q64, k64, v64), dout.double())
+    base = torch.autograd.grad(baseline(q, k, v, **kw), (q, k, v), dout)
+    for name, g, w, b in zip("qkv", grads, want, base, strict=True):
+        assert g.dtype == q.dtype and g.shape == w.shape, f"d{name}: {g.dtype} {g.shape}"
+        assert_lowp_rule(g, w, b, factor=factor, what=f"d{name}")
+
+
 @contextmanager
 def one_thread():
     """Run torch on one thread: tiny models are fastest so, and a busy second core stalls."""

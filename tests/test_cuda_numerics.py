@@ -11,7 +11,7 @@ import torch
 
 import qkv
 
-from helpers import assert_lowp_rule, lowp_baseline, oracle, rand_qkv
+from helpers import assert_grads_lowp_rule, assert_lowp_rule, lowp_baseline, oracle, rand_qkv
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -54,10 +54,4 @@ def test_chunked_on_cuda_follows_the_oracle(dtype, kw):
     want, _ = oracle(q, k, v, **kw)
     assert_lowp_rule(out, want.to(out.device), lowp_baseline(q, k, v, **kw))
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = torch.autograd.grad(qkv.attention(q64, k64, v64, backend="reference", **kw),
-                              (q64, k64, v64), dout.double())
-    base = torch.autograd.grad(lowp_baseline(q, k, v, **kw), (q, k, v), dout)
-    for name, g, r, b in zip("qkv", got, ref, base, strict=True):
-        assert_lowp_rule(g, r, b, factor=3.0, what=f"d{name}")
+    assert_grads_lowp_rule(torch.autograd.grad(out, (q, k, v), dout), q, k, v, dout, **kw)

@@ -35,7 +35,7 @@ from qkv.kernels.triton import (
 )
 from qkv.kernels.triton.ops import triton_attention
 
-from helpers import assert_lowp_rule
+from helpers import assert_grads_lowp_rule, assert_lowp_rule
 from helpers import lowp_baseline as _lowp_baseline
 from helpers import oracle as _oracle
 from helpers import rand_qkv as _rand_qkv
@@ -96,13 +96,7 @@ def check(q, k, v, *, grads=True, seed=11, **kw):
         return out
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(q)
     got = torch.autograd.grad(out, (q, k, v), dout)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    want = torch.autograd.grad(qkv.attention(q64, k64, v64, backend="reference", **kw),
-                               (q64, k64, v64), dout.double())
-    base = torch.autograd.grad(lowp_baseline(q, k, v, **kw), (q, k, v), dout)
-    for name, g, w, b in zip("qkv", got, want, base, strict=True):
-        assert g.dtype == q.dtype and g.shape == w.shape
-        assert_lowp_rule(g, w, b, factor=3.0, what=f"d{name}")
+    assert_grads_lowp_rule(got, q, k, v, dout, baseline=lowp_baseline, **kw)
     return out
 
 
