@@ -174,17 +174,17 @@ def explain(
 # signature (the key) is the shapes of q, k and v, q's dtype and device, ``causal``,
 # ``scale`` and the memory budget that ``auto`` reads; on CUDA also whether gradients are
 # needed, the float32 matmul precision and ``TRITON_MIN_LENGTH``, which it reads there.
-# Every check of prepare_call depends
-# on nothing else but k's and v's dtypes and devices, and neither does the backend auto
-# picks nor the canonical mask, so a call whose signature was seen before and whose k and v
-# have q's dtype and device is valid and goes where the first one went. Those two are not
-# in the key (reading them costs as much as a third of the rest): the plan's function
-# raises a RuntimeError when they differ from q's, and the call then takes the full path,
-# which refuses it with its own message. SDPA checks them itself; other plans check them
-# first. A plan is (fast, None or (B, batch_shape) when the batch dims must be folded),
-# where fast(q, k, v) maps (B, ...) tensors to the output. A backend with
-# ``plain_runner(call)`` gives a function with every per-signature decision already made;
-# otherwise fast builds the Call and runs the backend.
+# Every check of prepare_call depends on nothing else but k's and v's dtypes and devices,
+# and neither does the backend auto picks nor the canonical mask, so a call whose
+# signature was seen before and whose k and v have q's dtype and device is valid and goes
+# where the first one went. Those two are not in the key (reading them costs as much as a
+# third of the rest): the plan's function raises a RuntimeError when they differ from q's,
+# and the call then takes the full path, which refuses it with its own message. SDPA
+# checks them itself; other plans check them first. A plan is (fast, None or (B,
+# batch_shape) when the batch dims must be folded), where fast(q, k, v) maps (B, ...)
+# tensors to the output. A backend with ``plain_runner(call)`` gives a function with every
+# per-signature decision already made; otherwise fast builds the Call and runs the
+# backend.
 _PLANS = _kernels.PLANS  # register() empties it
 
 _parse_window = parse_window  # its old home; code that read it here keeps working

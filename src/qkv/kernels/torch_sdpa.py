@@ -149,8 +149,7 @@ class TorchSDPABackend(Backend):
             F.scaled_dot_product_attention
         exact = functools.partial(_exact, mask=m, scale=call.scale)
         if any_keys:
-            checked = None if fixed_keys is None or not _finite(fixed_keys[..., :0, :],
-                                                               fixed_keys) else fixed_keys
+            checked = fixed_keys if fixed_keys is not None and _finite(fixed_keys) else None
             return _runner_any_keys(sdpa, exact, kw, call, causal=bool(kind),
                                     finite_keys=checked)
         if not _drops_nan(kw, call, lq=call.lq, lk=call.lk):
@@ -238,17 +237,15 @@ def _probe(kw: tuple, dtype, device, groups: int, lq: int, lk: int, d: int, dv: 
     return False
 
 
-def _finite(q: Tensor, k: Tensor) -> bool:
-    """Whether ``q`` and ``k`` hold no NaN or inf, by one reduction each (a sum that
-    overflows says no: that call only takes the exact path). On a GPU the two sums are
-    added on the device and read once: each read waits for the device."""
-    if q.requires_grad or k.requires_grad:  # (detach costs a tensor: only where needed)
-        q, k = q.detach(), k.detach()
-    if q.is_cuda:
-        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else None
-        return math.isfinite(q.sum(dtype=acc) + k.sum(dtype=acc))  # empty sums are 0
-    return (q.numel() == 0 or math.isfinite(q.sum())) and (
-        k.numel() == 0 or math.isfinite(k.sum()))
+def _finite(*ts: Tensor) -> bool:
+    """Whether every tensor holds no NaN or inf, by one reduction each (a sum that
+    overflows says no: that call only takes the exact path). On a GPU the sums are added
+    on the device and read once: each read waits for the device."""
+    ts = tuple(t.detach() if t.requires_grad else t for t in ts)  # detach: only if needed
+    if ts[0].is_cuda:
+        acc = torch.float32 if ts[0].dtype in (torch.float16, torch.bfloat16) else None
+        return math.isfinite(sum(t.sum(dtype=acc) for t in ts))  # empty sums are 0
+    return all(t.numel() == 0 or math.isfinite(t.sum()) for t in ts)
 
 
 @functools.cache
@@ -276,7 +273,6 @@ def _runner_any_keys(sdpa, exact, kw: dict, call: Call, *, causal: bool,
     finds SDPA wrong, decided once per key count (the other dims, dtype and device stay
     those of ``call``). ``finite_keys``: a key tensor already found finite; a call passing
     that very tensor checks its queries alone."""
-    no_keys = None if finite_keys is None else finite_keys[..., :0, :]  # (B, Hkv, 0, D)
     q0 = call.q
     if len(_DROPS) >= 256:
         _DROPS.clear()
@@ -291,7 +287,7 @@ def _runner_any_keys(sdpa, exact, kw: dict, call: Call, *, causal: bool,
             if len(drops) >= 4096:
                 drops.clear()
             needed = drops[lk] = _drops_nan(kw, call, lq=q.shape[-2], lk=lk)
-        if needed and not _finite(q, no_keys if k is finite_keys else k):
+        if needed and not (_finite(q) if k is finite_keys else _finite(q, k)):
             return exact(q, k, v)
         return sdpa(q, k, v)  # (B, Hq, Lq, Dv)
     return run
