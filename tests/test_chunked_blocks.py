@@ -128,7 +128,8 @@ def test_rows_whose_max_is_the_lowest_float(dtype):
 def test_default_cpu_plan_keeps_one_block_within_budget():
     """One kv head per block when its rows fill the budget (tall blocks for the matrix
     products), several heads when they are short; G query heads per kv head count
-    against the budget; a band keeps block_q <= block_k."""
+    against the budget; a band with row tiles (G = 1) takes BAND_BLOCK_K keys and tall
+    blocks, one without (G > 1) keeps block_q <= block_k."""
     budget, bk = chunked.BLOCK_ELEMENTS["cpu"], chunked.BLOCK_K["cpu"]
 
     def plan(hq, hkv, lq, lk, **kw):
@@ -146,7 +147,10 @@ def test_default_cpu_plan_keeps_one_block_within_budget():
     small = plan(8, 8, 128, 128)
     assert small.heads > 1 and small.block_k == 128
     band = plan(8, 8, 4096, 4096, left=None, right=0)
-    assert band.block_q <= band.block_k
+    assert band.block_k == chunked.BAND_BLOCK_K["cpu"] and band.block_q * band.block_k == budget
+    assert band.band_rows == chunked.BAND_ROWS["cpu"]
+    band_gqa = plan(8, 2, 4096, 4096, left=None, right=0)
+    assert band_gqa.block_k == bk and band_gqa.block_q <= band_gqa.block_k
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -15,6 +15,15 @@ up to rounding. The backward (an :class:`torch.autograd.Function`) recomputes ea
 weights from ``q``, ``k`` and the saved row statistics (``weights = exp(score - row_max) /
 row_sum``), so only ``out`` and those are kept between the passes.
 
+Fixed shifts. The maximum only keeps ``exp`` in range: softmax does not depend on the
+shift. On CPU every score of query ``i`` is at most ``bound_i = |scale| |q_i| max_j |k_j|``
+in absolute value (Cauchy-Schwarz); when every bound is at most 40 the scores are
+exponentiated unshifted (``row_max`` is then 0), and otherwise, once a unit's first tiles
+show each row's bound within 40 of its running max, the bound is that row's shift for the
+rest. Either way the later blocks skip the max and the rescaling (two passes of five over
+each block of scores). NaN/inf inputs and additive masks keep the running max
+(:meth:`Blocks.prepare_fixed_shifts`).
+
 Scores are in natural units: ``q`` is multiplied by ``scale`` (a block at a time) and an
 additive mask is added as given, so a finite bias of any size stays finite. The running
 maximum starts at the lowest finite float, so a row that has seen no visible key yet
@@ -61,10 +70,11 @@ Building blocks (ring attention shards the keys over processes and builds on the
 * :func:`chunked_attention`: the differentiable function that the backend runs.
 
 Block sizes. :func:`plan_blocks` picks them per device and compute dtype so that one block
-of scores stays small (:data:`BLOCK_ELEMENTS`; L2-sized on CPU; :data:`BLOCK_K` keys):
-tall blocks of one key/value head for long sequences, several heads per block when they
-are short. Tests and experiments override them with the :func:`block_sizes` context
-manager (``with block_sizes(64, 128): ...``) or the ``block_q``/``block_k`` arguments.
+of scores stays small (:data:`BLOCK_ELEMENTS`; L2-sized on CPU; :data:`BLOCK_K` keys, or
+:data:`BAND_BLOCK_K` with row tiles): tall blocks of one key/value head for long
+sequences, several heads per block when they are short. Tests and experiments override
+them with the :func:`block_sizes` context manager (``with block_sizes(64, 128): ...``)
+or the ``block_q``/``block_k`` arguments.
 
 CPU threads. The blocks of queries are spread over :data:`WORKERS` threads (default
 ``torch.get_num_threads()``), each running PyTorch operations single-threaded; the
@@ -76,8 +86,9 @@ order. So results never depend on thread timing.
 Where it lives: :mod:`.planning` (block sizes), :mod:`.threads` (CPU threads),
 :mod:`.dropout` (the hash), :mod:`.blocks` (one block of scores), :mod:`.core` (forward,
 weights, backward, merge) and :mod:`.backend` (the autograd Function and the backend).
-The settings :data:`WORKERS`, :data:`BLOCK_ELEMENTS`, :data:`BLOCK_K` and
-:data:`BAND_ROWS` are set here, on the package (``qkv.kernels.chunked.WORKERS = 2``).
+The settings :data:`WORKERS`, :data:`BLOCK_ELEMENTS`, :data:`BLOCK_K`,
+:data:`BAND_ROWS` and :data:`BAND_BLOCK_K` are set here, on the package
+(``qkv.kernels.chunked.WORKERS = 2``).
 ``backend="auto"`` prefers this backend when the reference would need more than
 ``qkv.kernels.REFERENCE_MEMORY_BUDGET`` bytes.
 """
@@ -91,10 +102,19 @@ from . import planning, threads
 from .backend import ChunkedBackend, chunked_attention
 from .core import chunked_backward, chunked_forward, chunked_weights, merge_partials
 from .dropout import draw_seed, dropout_keep
-from .planning import BAND_ROWS, BLOCK_ELEMENTS, BLOCK_K, Plan, block_sizes, plan_blocks
+from .planning import (
+    BAND_BLOCK_K,
+    BAND_ROWS,
+    BLOCK_ELEMENTS,
+    BLOCK_K,
+    Plan,
+    block_sizes,
+    plan_blocks,
+)
 from .threads import WORKERS
 
 __all__ = [
+    "BAND_BLOCK_K",
     "BAND_ROWS",
     "BLOCK_ELEMENTS",
     "BLOCK_K",
@@ -115,7 +135,7 @@ __all__ = [
 # The settings are read where they are used (planning, threads); setting one on this package
 # (``qkv.kernels.chunked.WORKERS = 2``, or pytest's monkeypatch) sets it there too.
 _SETTINGS = {"WORKERS": threads, "BLOCK_ELEMENTS": planning, "BLOCK_K": planning,
-             "BAND_ROWS": planning}
+             "BAND_ROWS": planning, "BAND_BLOCK_K": planning}
 
 
 class _Package(types.ModuleType):

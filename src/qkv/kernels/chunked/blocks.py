@@ -22,6 +22,10 @@ from .threads import Queue, split, workers
 
 LOG2E = 1.0 / math.log(2.0)  # exp(x) = exp2(x * LOG2E)
 _ALIGN = 16  # keys: the band's edges in a tile are widened to multiples of this
+#: Fixed shifts (:meth:`Blocks.prepare_fixed_shifts`): scores are exponentiated unshifted
+#: when none can exceed UNSHIFTED in absolute value; a row's fixed shift stays at most SPAN
+#: above its largest score, so its largest weight is at least exp(-SPAN).
+SPAN, UNSHIFTED = 40.0, 40.0
 
 
 class Blocks:
@@ -59,6 +63,57 @@ class Blocks:
         self._tiles: dict[tuple[int, int], list] = {}  # unit_tiles, per call
         self.has_tensor_mask = mask.has_tensor
         self._local = threading.local()  # scratch buffers, one set per thread
+        self.bound5: Tensor | None = None  # (B, Hkv, G, Lq, 1), see prepare_fixed_shifts
+        self.unshifted = False  # see prepare_fixed_shifts
+
+    # -- fixed shifts: the online softmax without a running max --
+    def prepare_fixed_shifts(self) -> None:
+        """Bound every query's scores, for fixed shifts in place of the running max.
+
+        Softmax does not depend on the shift subtracted before ``exp``; a running max
+        only keeps ``exp`` from overflowing and the largest weight from underflowing. By
+        Cauchy-Schwarz no score of query i exceeds ``bound_i = |scale| |q_i| max_j |k_j|``
+        in absolute value (the keys of its kv head; whatever the band or a boolean mask
+        hides). So when every bound is at most :data:`UNSHIFTED`, the scores are
+        exponentiated as they are (``unshifted``: every weight within ``exp(+-40)``, no
+        max at all); else :meth:`fixed_shift` may take the bound as a row's shift.
+
+        Only on CPU, with no additive mask (it could move a score past the bound), and
+        with more than one key block (else nothing is saved). A NaN or inf anywhere in q,
+        k or v makes some bound non-finite: the call then keeps the running max
+        everywhere (a NaN must reach only the rows that see it).
+        """
+        if self.device.type != "cpu" or self.mask.bias is not None or self.v2 is None:
+            return
+        if self.lk <= self.plan.block_k:
+            return
+        qn = torch.linalg.vector_norm(self.q5, dim=-1, keepdim=True, dtype=self.ct)
+        kn = torch.linalg.vector_norm(self.k2, dim=-1).amax(-1)  # (B*Hkv,)
+        bound = qn.mul_(kn.view(self.b, self.hkv, 1, 1, 1)).mul_(abs(self.scale))
+        lo, hi = torch.aminmax(self.v2) if self.v2.numel() else (self.zero, self.zero)
+        vmax = max(-float(lo), float(hi))
+        top = float(bound.max()) if bound.numel() else 0.0
+        if not (math.isfinite(vmax) and math.isfinite(top)):
+            return
+        self.bound5 = bound  # (B, Hkv, G, Lq, 1)
+        # Unshifted weights reach exp(UNSHIFTED): their sum times the values must stay
+        # far from overflow.
+        self.unshifted = top <= UNSHIFTED and vmax * self.lk * math.exp(UNSHIFTED) < 1e30
+
+    def fixed_shift(self, grp, q0: int, q1: int, row_max: Tensor) -> Tensor | None:
+        """Each row's bound as its shift for the rest of a unit's key tiles (they then need
+        neither a row max nor rescaling), or None to keep the running max.
+
+        ``row_max (n, G*bq, 1)``: the running max once every row of queries q0:q1 has seen
+        a tile, a lower bound of each row's largest score. The bound is taken where it lies
+        at most :data:`SPAN` above it: every weight is then at most ``exp(0)`` and the
+        largest at least ``exp(-SPAN)``, so none overflows and none that matters
+        underflows.
+        """
+        if self.bound5 is None:
+            return None
+        bound = self.q_rows(self.bound5, grp, q0, q1)  # (n, G*bq, 1)
+        return bound if bool((bound - row_max).le_(SPAN).all()) else None
 
     # -- the work, cut into units and shares --
     def groups(self) -> Iterator[tuple[int, int, int, int]]:
@@ -103,28 +158,25 @@ class Blocks:
 
     def unit_tiles(self, q0: int, q1: int) -> tuple[list[tuple[Tile, bool]], bool]:
         """:meth:`tiles` of queries q0:q1, the tiles of some of the rows first, each with
-        whether it is the first to touch its rows (an online softmax then starts them
-        without rescaling); and whether some rows are not started by a tile (they see
-        no key, or the first tile of theirs is not the first for all of its rows). Made
-        once per call: every head group has the same."""
+        whether it is the first to touch any of its rows (an online softmax then starts
+        them without rescaling); and whether some rows are not started by such a tile
+        (they see no key, or the first tile of theirs also covers rows touched before).
+        Made once per call: every head group has the same."""
         hit = self._tiles.get((q0, q1))
         if hit is not None:
             return hit
         # sorted() is stable: key order is kept among the row tiles and the whole ones.
         tiles = sorted(self.tiles(q0, q1), key=lambda t: (t.r0, t.r1) == (q0, q1))
-        out, seen, whole_seen = [], {}, False
+        touched, started = bytearray(q1 - q0), bytearray(q1 - q0)  # 1 per row
+        out = []
         for t in tiles:
-            if (t.r0, t.r1) == (q0, q1):
-                out.append((t, not whole_seen and not seen))
-                whole_seen = True
-            else:  # row tiles share one grid of rows: r0 names the rows
-                out.append((t, not whole_seen and t.r0 not in seen))
-                seen[t.r0] = t.r1
-        # Row tiles come first, so each is the first of its rows: they start all rows
-        # when they cover them; a whole tile first starts them all.
-        started = sum(r1 - r0 for r0, r1 in seen.items())
-        unstarted = not out or (bool(seen) and started < q1 - q0)
-        hit = self._tiles[(q0, q1)] = (out, unstarted)
+            i, j = t.r0 - q0, t.r1 - q0
+            fresh = not any(touched[i:j])
+            out.append((t, fresh))
+            touched[i:j] = b"\x01" * (j - i)
+            if fresh:
+                started[i:j] = b"\x01" * (j - i)
+        hit = self._tiles[(q0, q1)] = (out, not all(started))
         return hit
 
     def tiles(self, q0: int, q1: int) -> Iterator[Tile]:
@@ -132,16 +184,27 @@ class Blocks:
         band leaves visible whole; one the band cuts trimmed to the keys its rows can see,
         and (one query head per kv head, ``plan.band_rows`` set) split into tiles of that
         many rows, each trimmed to its own keys, so the hidden part of a block on the
-        diagonal is mostly skipped."""
+        diagonal is mostly skipped. Consecutive row tiles that the band leaves visible
+        over the same keys are one tile (fewer, larger products)."""
         step = self.plan.band_rows if self.g == 1 and self.plan.band_rows > 0 else q1 - q0
         for k0, k1, state in self.states(q0, q1):
             if state is BlockState.VISIBLE:
                 yield Tile(q0, q1, k0, k1, state, ())
                 continue
+            last = None
             for r0 in range(q0, q1, step):
                 tile = self._band_tile(r0, min(r0 + step, q1), k0, k1)
-                if tile is not None:
-                    yield tile
+                if tile is None:
+                    continue
+                if (last is not None and not last.edges and not tile.edges
+                        and (last.r1, last.c0, last.c1) == (tile.r0, tile.c0, tile.c1)):
+                    last = last._replace(r1=tile.r1)
+                    continue
+                if last is not None:
+                    yield last
+                last = tile
+            if last is not None:
+                yield last
 
     def _band_tile(self, r0: int, r1: int, k0: int, k1: int) -> Tile | None:
         """Queries r0:r1 x keys k0:k1 trimmed to the keys the band lets any of them see,
@@ -299,9 +362,10 @@ class Blocks:
             part.triu_(-m.left - d)  # keeps j - i >= -left - d
         part.add_(bias)
 
-    def exp_shifted_(self, s: Tensor, shift: Tensor,
+    def exp_shifted_(self, s: Tensor, shift: Tensor | None,
                      masked: bool | tuple[tuple[int, int], ...]) -> Tensor:
-        """``exp(s - shift)`` in place (``s (n, rows, bk)``, ``shift (n, rows, 1)``).
+        """``exp(s - shift)`` in place (``s (n, rows, bk)``, ``shift (n, rows, 1)``; None:
+        ``exp(s)``).
 
         On CPU, PyTorch's ``exp`` takes a slow path (several times slower per element) on
         arguments that underflow, as ``-inf`` for hidden keys does; ``exp2`` has no such
@@ -309,7 +373,8 @@ class Blocks:
         ``masked``: as :meth:`scores` returns it; given column ranges, only those columns
         take the ``exp2`` path (``exp`` is faster on the others).
         """
-        s.sub_(shift)
+        if shift is not None:
+            s.sub_(shift)
         if not masked or self.device.type != "cpu":
             return s.exp_()
         if masked is True:

@@ -4,8 +4,11 @@ Per query the forward keeps only ``row_max`` (the largest score seen so far), ``
 (the sum of ``exp(score - row_max)``) and ``acc`` (the sum of ``exp(score - row_max) *
 value``), rescaling both by ``exp(old_max - new_max)`` when a new key block raises the
 maximum; after the last block ``out = acc / row_sum`` and ``lse = row_max + log(row_sum)``.
-The backward recomputes each block's weights from ``q``, ``k`` and ``lse``. These are also
-the building blocks of ring attention (:mod:`qkv.distributed.ring`).
+On CPU a fixed shift often stands in for ``row_max`` (:meth:`Blocks.prepare_fixed_shifts`):
+0 when every score is small, else each row's bound on its scores, so that most blocks
+need neither a max nor rescaling. The backward recomputes each block's weights from
+``q``, ``k`` and ``lse``. These are also the building blocks of ring attention
+(:mod:`qkv.distributed.ring`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *
             sequence draw the same mask as the whole would).
         block_q, block_k: block sizes (default: :func:`plan_blocks`).
         stats: return, instead of ``lse``, the pair ``(row_max, inv_sum)`` (each ``(B, Hq,
-            Lq)``: the row's largest score and ``1 / sum(exp(score - row_max))``), which
+            Lq)``: the row's shift (its largest score, or a fixed shift such as 0) and
+            ``1 / sum(exp(score - row_max))``), which
             :func:`chunked_weights` and :func:`chunked_backward` accept in place of ``lse``
             and which keeps their precision when scores are large (an additive mask of
             ``-1e9``: ``lse`` as one float rounds ``log(sum)`` away there).
@@ -64,6 +68,7 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Mask, scale: float, *
     _check_qkv(q, k, v, mask)
     plan = plan_blocks(q, k, mask=mask, block_q=block_q, block_k=block_k)
     bl = Blocks(q, k, v, mask, scale, plan, dropout=dropout, seed=seed, offsets=offsets)
+    bl.prepare_fixed_shifts()
     dv = v.shape[-1]
     out = torch.empty(bl.b, bl.hkv, bl.g, bl.lq, dv, dtype=bl.ct, device=q.device)
     row_max = torch.empty(bl.b, bl.hkv, bl.g, bl.lq, dtype=bl.ct, device=q.device)
@@ -106,18 +111,15 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int,
                   acc: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The online softmax over every key block for queries q0:q1 of one head group.
 
-    Returns the unnormalised output ``(n, G*bq, Dv)`` (the sum of ``exp(score - max) *
-    value``; in ``acc`` when given, else in a scratch buffer), the row max and the row's
-    sum of ``exp(score - max)`` (each ``(n, G*bq, 1)``; the sum is 0 where the row sees no
-    key, and its max is then meaningless).
+    Returns the unnormalised output ``(n, G*bq, Dv)`` (the sum of ``exp(score - shift) *
+    value``; in ``acc`` when given, else in a scratch buffer), the row's shift (its max,
+    or a fixed shift of :meth:`Blocks.fixed_shift`) and the row's sum of ``exp(score -
+    shift)`` (each ``(n, G*bq, 1)``; the sum is 0 where the row sees no key, and its shift
+    is then meaningless).
     """
     qb, alpha = bl.q_block(grp, q0, q1)  # (n, G*bq, D), q * scale / alpha
     n, rows = qb.shape[0], qb.shape[1]
     dv = bl.v2.shape[-1]
-    # The running max starts at the lowest finite value, not -inf: a row that has seen no
-    # visible key yet then shifts its -inf scores to exp(-inf) = 0 and rescales by
-    # exp(0) = 1 (its sums are 0), with no per-block test for -inf.
-    row_max = torch.full((n, rows, 1), torch.finfo(bl.ct).min, dtype=bl.ct, device=bl.device)
     row_sum = torch.zeros((n, rows, 1), dtype=bl.ct, device=bl.device)
     if acc is None:
         # The caller copies acc out before this thread's next unit: a reused buffer stays
@@ -126,8 +128,30 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int,
     tiles, unstarted = bl.unit_tiles(q0, q1)  # [(tile, first of its rows)], row tiles first
     if unstarted:
         acc.zero_()  # rows that no tile starts (they see no key) must read 0
+    # A fixed shift (Blocks.prepare_fixed_shifts) replaces the running max: 0 from the
+    # start when every score is small, else the bound once every row has seen a tile.
+    # Tiles then skip the max and the rescaling.
+    fixed, shift = bl.unshifted, None
+    if fixed:
+        row_max = torch.zeros((n, rows, 1), dtype=bl.ct, device=bl.device)
+    else:
+        # The running max starts at the lowest finite value, not -inf: a row that has seen
+        # no visible key yet then shifts its -inf scores to exp(-inf) = 0 and rescales by
+        # exp(0) = 1 (its sums are 0), with no per-block test for -inf.
+        row_max = torch.full((n, rows, 1), torch.finfo(bl.ct).min, dtype=bl.ct,
+                             device=bl.device)
+    decided = fixed or unstarted
     for (r0, r1, c0, c1, state, edges), fresh in tiles:
         whole = r0 == q0 and r1 == q1
+        if whole and not fresh and not decided:  # row tiles come first: all are done
+            decided = True
+            shift = bl.fixed_shift(grp, q0, q1, row_max)  # (n, G*bq, 1) or None
+            if shift is not None:
+                fixed = True
+                rescale = row_max.sub_(shift).exp_()  # (n, G*bq, 1), in row_max's storage
+                row_sum.mul_(rescale)
+                acc.mul_(rescale)
+                row_max = shift
         if whole:
             qt, mt, st, at = qb, row_max, row_sum, acc
         else:  # G == 1: rows r0:r1 of the unit, views
@@ -136,6 +160,19 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int,
             st, at = row_sum.narrow(1, i, r), acc.narrow(1, i, r)
         p, masked = bl.scores(qt, grp, r0, r1, c0, c1, state, edges, alpha)  # (n, r, c)
         vb = bl.kv_rows(bl.v2, grp, c0, c1)  # (n, c, Dv)
+        if fixed:  # no max, no rescaling
+            bl.exp_shifted_(p, shift, masked)  # shift None: exp(p)
+            if fresh:  # the first tile of these rows: st is 0, at not yet written
+                torch.sum(p, dim=-1, keepdim=True, out=st)
+            else:
+                st.add_(p.sum(dim=-1, keepdim=True))
+            if bl.dropout > 0:
+                bl.drop_(p, grp, r0, r1, c0, c1)
+            if fresh:
+                torch.bmm(p, vb, out=at)
+            else:
+                at.baddbmm_(p, vb)
+            continue
         if fresh:  # the first tile of these rows: mt holds the lowest float, st and at 0
             torch.maximum(p.amax(dim=-1, keepdim=True), mt, out=mt)  # (n, r, 1)
             bl.exp_shifted_(p, mt, masked)  # unnormalised weights, 0 where hidden
@@ -179,7 +216,7 @@ def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float,
     plan = plan_blocks(q, k, mask=mask, block_q=block_q, block_k=block_k)
     bl = Blocks(q, k, None, mask, scale, plan, dropout=dropout, seed=seed, offsets=offsets)
     row_max, inv_sum = row_stats(lse)  # (B, Hq, Lq) each
-    max5 = row_max.view(bl.b, bl.hkv, bl.g, bl.lq, 1)
+    max5 = None if _all_zero(row_max) else row_max.view(bl.b, bl.hkv, bl.g, bl.lq, 1)
     inv5 = inv_sum.view(bl.b, bl.hkv, bl.g, bl.lq, 1)
     out.zero_()  # blocks the band hides stay 0
     out5 = out.view(bl.b, bl.hkv, bl.g, bl.lq, bl.lk)
@@ -191,7 +228,7 @@ def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float,
         for grp, q0, q1 in share:
             b0, b1, h0, h1 = grp
             qb = bl.q_scaled(grp, q0, q1)  # (n, G*bq, D), q * scale
-            mb = bl.q_rows(max5, grp, q0, q1)  # (n, G*bq, 1)
+            mb = None if max5 is None else bl.q_rows(max5, grp, q0, q1)  # (n, G*bq, 1)
             ib = bl.q_rows(inv5, grp, q0, q1)  # (n, G*bq, 1)
             for k0, k1, state in bl.states(q0, q1):
                 s, masked = bl.scores(qb, grp, q0, q1, k0, k1, state)  # (n, G*bq, bk)
@@ -206,6 +243,11 @@ def chunked_weights(q: Tensor, k: Tensor, mask: Mask, scale: float,
 
     run_shares(bl.shares(fixed=False), work)
     return out
+
+
+def _all_zero(row_max: Tensor) -> bool:
+    """Whether every row's shift is 0: the forward exponentiated the scores unshifted."""
+    return row_max.device.type == "cpu" and not bool(row_max.any())
 
 
 # ---- backward ------------------------------------------------------------------------------------
@@ -254,7 +296,8 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor,
     rows = {
         "do": dout.reshape(b, hkv, g, lq, dv_),  # (B, Hkv, G, Lq, Dv), any dtype
         "inv": None if inv is None else inv.reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
-        "max": row_max.reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
+        # None: the forward exponentiated the scores unshifted (no subtraction here)
+        "max": None if _all_zero(row_max) else row_max.reshape(b, hkv, g, lq, 1),
         "delta": delta.to(bl.ct).reshape(b, hkv, g, lq, 1),  # (B, Hkv, G, Lq, 1)
     }
     dw5 = None if dweights is None else dweights.reshape(b, hkv, g, lq, lk)
@@ -307,7 +350,7 @@ def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor | N
         else:
             torch.mul(dob, bl.q_rows(rows["inv"], grp, q0, q1), out=dst)
         dob = dst
-    mb = bl.q_rows(rows["max"], grp, q0, q1)  # (n, G*bq, 1)
+    mb = None if rows["max"] is None else bl.q_rows(rows["max"], grp, q0, q1)  # (n, G*bq, 1)
     db = bl.q_rows(rows["delta"], grp, q0, q1)  # (n, G*bq, 1)
     tiles, unstarted = bl.unit_tiles(q0, q1)
     if dqb is None:
@@ -323,7 +366,8 @@ def _backward_rows(bl: Blocks, grp, q0: int, q1: int, rows: dict[str, Tensor | N
         else:  # G == 1: rows r0:r1 of the unit, views
             i, r = r0 - q0, r1 - r0
             qt, dot = qb.narrow(1, i, r), dob.narrow(1, i, r)  # (n, r, D), (n, r, Dv)
-            mt, dt = mb.narrow(1, i, r), db.narrow(1, i, r)  # (n, r, 1)
+            mt = None if mb is None else mb.narrow(1, i, r)  # (n, r, 1)
+            dt = db.narrow(1, i, r)  # (n, r, 1)
         s, masked = bl.scores(qt, grp, r0, r1, c0, c1, state, edges, alpha)  # (n, r, c)
         p = bl.exp_shifted_(s, mt, masked)  # (n, r, c) weights / inv_sum
         dp = bl.buffer("dp", *p.shape)  # (n, r, c)
