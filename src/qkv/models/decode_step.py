@@ -62,8 +62,19 @@ def _ln(norm: nn.LayerNorm) -> tuple:
             torch.backends.cudnn.enabled)
 
 
-def _lin(lin: nn.Linear) -> tuple[Tensor, Tensor | None]:
-    return lin.weight, lin.bias
+def _lin(lin: nn.Linear) -> tuple[Tensor | None, Tensor]:
+    """``(bias, weight.T)``: what F.linear hands ``torch.addmm`` (``mm`` without a bias)."""
+    return lin.bias, lin.weight.T
+
+
+def _affine(x: Tensor, lin: tuple[Tensor | None, Tensor], out: Tensor | None = None
+            ) -> Tensor:
+    """``F.linear(x, weight, bias)`` for ``x (B, in)`` as F.linear computes it (``addmm``,
+    the same kernel, so the same bits), without its wrapper; into ``out`` when given."""
+    bias, wt = lin
+    if bias is None:
+        return torch.mm(x, wt, out=out)
+    return torch.addmm(bias, x, wt, out=out)
 
 
 def _runner(q_heads: int, k: Tensor, v: Tensor, mask: Tensor | None, *,
@@ -104,30 +115,53 @@ def _slots(cache, start: int, end: int) -> dict[int, tuple]:
 
 
 class LeanStep:
-    """Logits of the next token, for one new token per row, from warm caches."""
+    """Logits of the next token, for one new token per row, from warm caches.
+
+    Activations stay ``(B, E)`` (one token per row: the modules' ``(B, 1, E)`` without the
+    1), so every projection is one ``addmm``, as F.linear runs it, and the packed q/k/v
+    projection writes into one buffer per layer whose head views are made once.
+    """
 
     def __init__(self, model, state, positions: Tensor, end: int) -> None:
         self.state = state
         # (1, E) rows of the sinusoidal table in the embedding's dtype, one per position
         self.pe = list(positions.split(1))
-        self.embed_w = model.embed.weight  # (V, E)
-        self.embed_t = self.embed_w.T  # (E, V) the tied output projection
-        self.embed_scale = math.sqrt(model.config.d_model)
+        w = model.embed.weight  # (V, E)
+        # The rows the modules compute, embedding * sqrt(E), scaled once (the same bits).
+        self.embed_scaled = w * math.sqrt(model.config.d_model)  # (V, E)
+        self.embed_t = w.T  # (E, V) the tied output projection
         self.final_ln = _ln(model.decoder_norm)
         self.layers = []
+        self._shapes = []  # per layer (Hq, Hkv, Dh, packed weight)
+        self._heads: dict[int, list] = {}  # batch size -> per layer (buffer, q, k, v)
         for layer, sc, cc in zip(model.decoder, state.self_caches, state.cross_caches,
                                  strict=True):
             sa, ca = layer.self_attn, layer.cross_attn
             ck, cv = cc.k, cc.v  # (B, Hkv, Ls, Dh): one view each, passed on every step
+            pw, pb = sa._packed_in_proj()
+            self._shapes.append((sa.num_heads, sa.num_kv_heads, sa.head_dim, pw))
             self.layers.append((
                 _slots(sc, state.length, end),
-                _ln(layer.norm1), sa._packed_in_proj(), sa.num_heads, sa.num_kv_heads,
-                sa.head_dim, sa.embed_dim, _lin(sa.out_proj), sc,
-                _runner(sa.num_heads, sc.k, sc.v, None),
+                _ln(layer.norm1), (pb, pw.T), sa.embed_dim, _lin(sa.out_proj),
+                sc, _runner(sa.num_heads, sc.k, sc.v, None),
                 _ln(layer.norm2), _lin(ca.q_proj), ca.num_heads, ca.head_dim, ck, cv,
                 _runner(ca.num_heads, ck, cv, state.memory_mask, fixed=True),
                 _lin(ca.out_proj), _ln(layer.norm3), _lin(layer.ff.fc1), _lin(layer.ff.fc2),
             ))
+
+    def _head_views(self, b: int) -> list:
+        """Per layer: a ``(B, (Hq + 2 Hkv) Dh)`` buffer for the packed projection and its
+        views ``q (B, Hq, 1, Dh)``, ``k``, ``v (B, Hkv, 1, Dh)`` (one query: the modules'
+        transposed ``(B, 1, H, Dh)`` read in the same order)."""
+        views = self._heads.get(b)
+        if views is None:
+            views = self._heads[b] = []
+            for hq, hkv, dh, w in self._shapes:
+                buf = w.new_empty(b, (hq + 2 * hkv) * dh)
+                heads = buf.view(b, hq + 2 * hkv, 1, dh)
+                views.append((buf, heads.narrow(1, 0, hq), heads.narrow(1, hq, hkv),
+                              heads.narrow(1, hq + hkv, hkv)))
+        return views
 
     @classmethod
     def build(cls, model, state, max_len: int, *, stock: tuple[type, type, type]
@@ -159,32 +193,29 @@ class LeanStep:
         """``ids (B, 1)`` -> logits ``(B, V)``; appends to the self-attention caches."""
         state = self.state
         pos = state.length
-        y = torch.embedding(self.embed_w, ids) * self.embed_scale  # (B, 1, E), F.embedding
-        y = y + self.pe[pos]  # (B, 1, E)
-        b = y.shape[0]
-        for (slots, ln1, packed, hq, hkv, dh, e, sa_out, sc, sa_run, ln2, cq, ch, cdh, ck, cv,
-             ca_run, ca_out, ln3, fc1, fc2) in self.layers:
+        b = ids.shape[0]
+        y = self.embed_scaled.index_select(0, ids.view(b)) + self.pe[pos]  # (B, E)
+        for (layer, (buf, q_new, k_new, v_new)) in zip(self.layers, self._head_views(b),
+                                                       strict=True):
+            (slots, ln1, packed, e, sa_out, sc, sa_run, ln2, cq, ch, cdh, ck, cv, ca_run,
+             ca_out, ln3, fc1, fc2) = layer
             # self-attention: one packed projection, one new key/value, every key visible
-            # One query: (B, 1, H, Dh) transposed is (B, H, 1, Dh) read in the same order,
-            # so views and reshapes stand in for the modules' transposes (same values).
-            heads = F.linear(_layer_norm(y, *ln1), *packed).view(
-                b, hq + 2 * hkv, 1, dh)  # (B, Hq + 2 Hkv, 1, Dh)
+            _affine(_layer_norm(y, *ln1), packed, out=buf)  # (B, (Hq + 2 Hkv) Dh)
             storage, k_slot, v_slot, k, v = slots[pos]  # k, v: (B, Hkv, pos + 1, Dh)
             if sc._k is storage:  # what append does, with the views made beforehand
-                k_slot.copy_(heads.narrow(1, hq, hkv))
-                v_slot.copy_(heads.narrow(1, hq + hkv, hkv))
+                k_slot.copy_(k_new)
+                v_slot.copy_(v_new)
                 sc.length = pos + 1
             else:  # the cache was replaced meanwhile
-                k, v = sc._append_own(heads.narrow(1, hq, hkv), heads.narrow(1, hq + hkv, hkv))
-            out = sa_run(heads.narrow(1, 0, hq), k, v)  # (B, Hq, 1, Dh)
-            y = y + F.linear(out.reshape(b, 1, e), *sa_out)  # (B, 1, E)
+                k, v = sc._append_own(k_new, v_new)
+            out = sa_run(q_new, k, v)  # (B, Hq, 1, Dh)
+            y = y + _affine(out.reshape(b, e), sa_out)  # (B, E)
             # cross-attention on the cached projection of the encoder output
-            q = F.linear(_layer_norm(y, *ln2), *cq).view(b, ch, 1, cdh)  # (B, Hq, 1, Dh)
+            q = _affine(_layer_norm(y, *ln2), cq).view(b, ch, 1, cdh)  # (B, Hq, 1, Dh)
             out = ca_run(q, ck, cv)  # (B, Hq, 1, Dh)
-            y = y + F.linear(out.reshape(b, 1, e), *ca_out)  # (B, 1, E)
-            h = F.gelu(F.linear(_layer_norm(y, *ln3), *fc1))  # (B, 1, ff)
-            y = y + F.linear(h, *fc2)  # (B, 1, E)
+            y = y + _affine(out.reshape(b, e), ca_out)  # (B, E)
+            h = F.gelu(_affine(_layer_norm(y, *ln3), fc1))  # (B, ff)
+            y = y + _affine(h, fc2)  # (B, E)
         state.length = pos + 1
-        y = _layer_norm(y, *self.final_ln)  # (B, 1, E)
-        return (y @ self.embed_t)[:, -1]  # (B, V)
-
+        y = _layer_norm(y, *self.final_ln)  # (B, E)
+        return y @ self.embed_t  # (B, V)
