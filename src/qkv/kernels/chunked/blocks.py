@@ -300,16 +300,17 @@ class Blocks:
 
     # -- one block --
     def scores(self, qb: Tensor, grp, q0: int, q1: int, k0: int, k1: int,
-               state: BlockState, edges: tuple[tuple[int, int], ...] = (), alpha: float = 1.0
-               ) -> tuple[Tensor, bool | tuple[tuple[int, int], ...]]:
+               state: BlockState, edges: tuple[tuple[int, int], ...] = (), alpha: float = 1.0,
+               *, band: bool = True) -> tuple[Tensor, bool | tuple[tuple[int, int], ...]]:
         """Masked scaled scores of the block: ``(n, G*bq, bk)``, ``-inf`` where hidden,
         and where a mask was applied (only there can a score be ``-inf`` or very low):
         False (nowhere), True (anywhere) or the column ranges of ``edges`` (from 0).
 
         ``qb (n, G*bq, D)`` holds the group's queries q0:q1 times ``scale / alpha``
         (:meth:`q_block`). ``edges``: the key ranges of a :class:`Tile` outside which the
-        band hides nothing. The result lives in this thread's scratch buffer "s" until the
-        next call.
+        band hides nothing. ``band=False`` (no tensor mask): leave the band to
+        :meth:`zero_hidden_` on the weights. The result lives in this thread's scratch
+        buffer "s" until the next call.
         """
         kt = self._views.get(("kT", grp, k0, k1))  # (n, D, bk)
         if kt is None:
@@ -319,20 +320,10 @@ class Blocks:
             torch.bmm(qb, kt, out=s)
         else:  # beta=0: what s held is not read
             torch.baddbmm(s, qb, kt, beta=0.0, alpha=alpha, out=s)
-        if state is BlockState.VISIBLE and not self.has_tensor_mask:
-            return s, False
-        if edges and not self.has_tensor_mask:  # the band alone, applied where it cuts
-            rows = q1 - q0
-            s4 = s if self.g == 1 else s.view(s.shape[0], self.g, rows, k1 - k0)  # (n,[G,]r,c)
-            cols = []
-            for e0, e1 in edges:
-                part = s4.narrow(-1, e0 - k0, e1 - e0)  # (n, [G,] r, e), a view
-                self._band_edge_(part, q0, q1, e0, e1)
-                cols.append((e0 - k0, e1 - k0))
-            return s, tuple(cols)
-        if not self.has_tensor_mask:  # the band alone (state PARTIAL): as on an edge
-            self._band_edge_(self.heads_view(s, grp, q1 - q0), q0, q1, k0, k1)
-            return s, True
+        if not self.has_tensor_mask:
+            if state is BlockState.VISIBLE or not band:
+                return s, False
+            return s, self._band_(s, grp, q0, q1, k0, k1, edges, self._band_edge_)
         allowed, bias = self.block_mask(grp, q0, q1, k0, k1, state)
         if allowed is not None or bias is not None:
             s4 = self.heads_view(s, grp, q1 - q0)  # (b, Hq', bq, bk)
@@ -342,6 +333,40 @@ class Blocks:
                 torch.where(allowed, s4, self.neg_inf, out=s4)
             return s, True
         return s, False
+
+    def zero_hidden_(self, p: Tensor, grp, q0: int, q1: int, k0: int, k1: int,
+                     state: BlockState, edges: tuple[tuple[int, int], ...] = ()) -> None:
+        """Set the weights ``p (n, G*bq, bk)`` of the pairs the band hides to 0, in place:
+        the band of :meth:`scores` applied after ``exp`` instead of before (one pass on
+        the columns it cuts instead of four), for scores known finite (no tensor mask)."""
+        if state is not BlockState.VISIBLE:
+            self._band_(p, grp, q0, q1, k0, k1, edges, self._band_zero_)
+
+    def _band_(self, s: Tensor, grp, q0: int, q1: int, k0: int, k1: int,
+               edges: tuple[tuple[int, int], ...], apply) -> bool | tuple[tuple[int, int], ...]:
+        """``apply(part, q0, q1, e0, e1)`` on the key ranges ``edges`` of ``s (n, G*bq,
+        bk)`` (the whole block when there are none); returns those ranges from 0 (True
+        for the whole block)."""
+        if not edges:  # the band cuts somewhere in the block (state PARTIAL)
+            apply(self.heads_view(s, grp, q1 - q0), q0, q1, k0, k1)
+            return True
+        rows = q1 - q0
+        s4 = s if self.g == 1 else s.view(s.shape[0], self.g, rows, k1 - k0)  # (n, [G,] r, c)
+        cols = []
+        for e0, e1 in edges:
+            apply(s4.narrow(-1, e0 - k0, e1 - e0), q0, q1, e0, e1)  # (n, [G,] r, e), a view
+            cols.append((e0 - k0, e1 - k0))
+        return tuple(cols)
+
+    def _band_zero_(self, part: Tensor, q0: int, q1: int, e0: int, e1: int) -> None:
+        """Set the weights ``part (..., q1-q0, e1-e0)`` of queries q0:q1 x keys e0:e1 that
+        the band hides to 0, in place (``tril_``/``triu_``)."""
+        m = self.mask
+        d = e0 - q0 - m.offset  # key e0 + j sits d + j - i right of query q0 + i's diagonal
+        if m.right is not None:
+            part.tril_(m.right - d)  # keeps j - i <= right - d
+        if m.left is not None:
+            part.triu_(-m.left - d)  # keeps j - i >= -left - d
 
     def _band_edge_(self, part: Tensor, q0: int, q1: int, e0: int, e1: int) -> None:
         """Set the scores ``part (..., q1-q0, e1-e0)`` of queries q0:q1 x keys e0:e1 that

@@ -158,10 +158,16 @@ def _forward_rows(bl: Blocks, grp, q0: int, q1: int,
             i, r = r0 - q0, r1 - r0
             qt, mt = qb.narrow(1, i, r), row_max.narrow(1, i, r)
             st, at = row_sum.narrow(1, i, r), acc.narrow(1, i, r)
-        p, masked = bl.scores(qt, grp, r0, r1, c0, c1, state, edges, alpha)  # (n, r, c)
+        # With a fixed shift and no tensor mask every score is finite and bounded: the band
+        # then zeroes weights after exp rather than hiding scores before it.
+        late = fixed and not bl.has_tensor_mask
+        p, masked = bl.scores(qt, grp, r0, r1, c0, c1, state, edges, alpha,
+                              band=not late)  # (n, r, c)
         vb = bl.kv_rows(bl.v2, grp, c0, c1)  # (n, c, Dv)
         if fixed:  # no max, no rescaling
             bl.exp_shifted_(p, shift, masked)  # shift None: exp(p)
+            if late:
+                bl.zero_hidden_(p, grp, r0, r1, c0, c1, state, edges)
             if fresh:  # the first tile of these rows: st is 0, at not yet written
                 torch.sum(p, dim=-1, keepdim=True, out=st)
             else:
