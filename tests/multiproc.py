@@ -1,12 +1,17 @@
 """Run a function on N local processes joined in a gloo process group (127.0.0.1 only).
 
 Starting a fresh interpreter that imports torch costs 2-4 s per process on the 2-core CI
-machine (over 10 s for 4 processes when the machine is busy), so the workers are *forked*
-from the test process, which has torch imported already: a start then costs a fraction of
-a second. Forking after torch has used its OpenMP thread pool is safe as long as the child
-runs torch single-threaded (``torch.set_num_threads(1)``, done first thing below), which is
-what N processes on 2 cores want anyway. A test still runs many checks inside one
-:func:`run_ranks` call and inspects what each rank returned.
+machine (over 10 s for 4 processes when the machine is busy), so the workers come from a
+*fork server*: one clean process that imports torch and qkv once (per test session), from
+which each worker is forked in a fraction of a second. Forking the test process itself
+would be as fast but is not safe: it runs other threads (the rendezvous store's server,
+which the ranks are already talking to while the last ones start; the chunked backend's
+pool), and a child forked while one of them holds a lock (malloc's, say) hangs on it. CI
+saw exactly that: the third rank of a DDP test never joined. The workers run torch
+single-threaded (``torch.set_num_threads(1)``, done first thing below), which is what N
+processes on 2 cores want anyway. A test still runs many checks inside one
+:func:`run_ranks` call and inspects what each rank returned; ``fn`` and its arguments must
+pickle (a module-level function of a test module does).
 
 The parent owns the rendezvous store (a ``TCPStore`` on a port the OS picks, so two runs
 never race for a port); the workers join it as clients.
@@ -23,6 +28,9 @@ import traceback
 
 import torch
 import torch.distributed as dist
+
+#: Imported once by the fork server, so that each worker forked from it starts warm.
+_PRELOAD = ["torch", "torch.distributed", "qkv", "qkv.train", "multiproc"]
 
 
 def _child(fn, rank, world, port, pg_timeout, out, args):
@@ -45,16 +53,18 @@ def _child(fn, rank, world, port, pg_timeout, out, args):
 
 
 def run_ranks(fn, world: int, *args, timeout: float = 120.0, pg_timeout: float = 60.0,
-              allow_missing: bool = False, start_method: str = "fork") -> dict:
+              allow_missing: bool = False, start_method: str = "forkserver") -> dict:
     """Run ``fn(rank, world, *args)`` on ``world`` new processes; ``{rank: result}``.
 
     A rank that raises makes this raise with its traceback. ``allow_missing``: ranks that
-    exit without reporting (killed on purpose) are left out instead of raising. With
-    ``start_method="spawn"``, ``fn`` must be importable by name.
+    exit without reporting (killed on purpose) are left out instead of raising. ``fn``
+    must be importable by name (a module-level function).
     """
     store = dist.TCPStore("127.0.0.1", 0, None, True,
                           timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
     ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)  # read once, when the server starts
     out = ctx.Queue()
     procs = [ctx.Process(target=_child, args=(fn, r, world, store.port, pg_timeout, out, args),
                          daemon=True) for r in range(world)]

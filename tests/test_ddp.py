@@ -1,4 +1,6 @@
-"""Data-parallel training (DistributedDataParallel over gloo, CPU, forked processes).
+"""Data-parallel training (DistributedDataParallel over gloo, CPU, processes forked from a
+fork server: never from this test process, whose other threads could hold a lock at the
+fork that the child then waits on forever).
 
 The central claim: N processes that split a global batch compute the same training run as
 one process on the whole batch, and a checkpoint resumes on any number of processes.
@@ -300,7 +302,7 @@ def _free_port() -> int:
 
 
 def test_under_torchrun_environment(tmp_path):
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
     out = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_torchrun_rank, args=(r, 2, port, str(tmp_path / "tr"), out))
@@ -329,13 +331,13 @@ def _bad_input(rank):
 def test_launcher_reports_a_dead_process_and_stops_the_others():
     t0 = time.monotonic()
     with pytest.raises(ChildProcessError, match=r"process 1 of 2 died \(exit code 3\)"):
-        ddp.launch(_rank_call, 2, _dies, start_method="fork", timeout=60)
+        ddp.launch(_rank_call, 2, _dies, start_method="spawn", timeout=60)
     assert time.monotonic() - t0 < 30
 
 
 def test_launcher_raises_bad_input_as_valueerror():
     with pytest.raises(ValueError, match="bad option seen by rank"):
-        ddp.launch(_rank_call, 2, _bad_input, start_method="fork", timeout=60)
+        ddp.launch(_rank_call, 2, _bad_input, start_method="spawn", timeout=60)
 
 
 def _rank_call(fn):

@@ -149,9 +149,7 @@ def _error_of(fn):
 def ring_run(request):
     world = request.param
     cases = _cases(world)
-    # spawn, not fork: this pytest process holds threads (browsers, kernels, pools) whose
-    # locks a forked child could inherit held; one 4-rank run hung so before any rank met.
-    reports = run_ranks(_ring_worker, world, cases, timeout=150, start_method="spawn")
+    reports = run_ranks(_ring_worker, world, cases, timeout=150)  # from the fork server
     return world, cases, reports
 
 
