@@ -7,7 +7,8 @@ shift once the running max shows the bound within SPAN of the row's largest scor
 keeps the running max. Each way is forced here by the data and held to the float64
 oracle (float64) or the low-precision rule (float32), output and gradients; so are the
 guards: NaN/inf inputs, values large enough that unshifted sums would overflow, bounds
-far above the scores, additive masks.
+far above the scores, additive masks; and so are the real queries, keys and values of
+every layer of all-MiniLM-L6-v2.
 """
 
 import math
@@ -219,3 +220,34 @@ def test_constants_leave_room():
     the largest: both far inside float32's normal range (exp(-87)), so weights that
     underflow are below exp(-47) of the largest."""
     assert UNSHIFTED <= 40 and SPAN <= 40
+
+
+def test_real_queries_and_keys_of_every_minilm_layer(monkeypatch, modes):
+    """The q, k and v that all-MiniLM-L6-v2 computes for an English text, in every layer,
+    tiled to 768 tokens (so that blocks take fixed shifts): full and causal attention
+    meet the low-precision rule, and both fixed ways occur (its first layer's scores are
+    large enough to take the bound, the others' are exponentiated unshifted)."""
+    import qkv.layers
+
+    model = qkv.load_pretrained()
+    calls = []
+    real = qkv.layers.attention
+
+    def record(q, k, v, *a, **kw):
+        calls.append((q[:, :4].clone(), k[:, :4].clone(), v[:, :4].clone()))  # 4 heads
+        return real(q, k, v, *a, **kw)
+
+    with monkeypatch.context() as mp, torch.no_grad():
+        mp.setattr(qkv.layers, "attention", record)
+        model.encode("The animal didn't cross the street because it was too tired, and "
+                     "the river was wide. " * 8)
+    assert len(calls) == 6
+    modes.clear()
+    for q, k, v in calls:
+        reps = -(-768 // q.shape[2])
+        q, k, v = (t.repeat(1, 1, reps, 1)[:, :, :768] for t in (q, k, v))
+        for causal in (False, True):
+            out = qkv.attention(q, k, v, causal=causal, backend="chunked")
+            want, _ = oracle(q, k, v, causal=causal)
+            assert_lowp_rule(out, want, lowp_baseline(q, k, v, causal=causal))
+    assert "unshifted" in modes and "bound" in modes, modes
