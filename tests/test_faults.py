@@ -8,6 +8,7 @@ killed or interrupted. Tiny models and few steps keep them fast.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -162,36 +163,35 @@ def test_a_nan_checkpoint_is_never_written(run10, tmp_path):
     assert not (run / "step-0000011").exists()
 
 
-def _killed_while_writing(run: Path, target: str) -> None:
-    """Fork; the child writes checkpoint 11 of ``run`` and SIGKILLs itself just before
+def _write_then_die(run: str, target: str) -> None:
+    """In a child process: write checkpoint 11 of ``run`` and SIGKILL itself just before
     ``target`` is renamed into place (the moment a crash does the most harm)."""
-    ck = read_run(run)
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        try:
-            real = os.replace
+    real = os.replace
 
-            def dying(src, dst, *a, **kw):
-                if Path(dst).name == target:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return real(src, dst, *a, **kw)
+    def dying(src, dst, *a, **kw):
+        if Path(dst).name == target:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dst, *a, **kw)
 
-            os.replace = dying
-            ckpt.write_checkpoint(run, 11, ck.model, ck.optimizer,
-                                  {k: v for k, v in ck.state.items()
-                                   if k not in ("format", "step")})
-        finally:
-            os._exit(3)  # not killed: the test fails below
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
-            return
-        time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail("the writing child hung")
+    ck = read_run(Path(run))
+    os.replace = dying
+    ckpt.write_checkpoint(Path(run), 11, ck.model, ck.optimizer,
+                          {k: v for k, v in ck.state.items() if k not in ("format", "step")})
+    os._exit(3)  # not killed: the test fails
+
+
+def _killed_while_writing(run: Path, target: str) -> None:
+    """Run :func:`_write_then_die` in a process started by the fork server (never a fork
+    of pytest, whose other threads may hold a lock at the fork that the child would then
+    wait on forever) and check that it was killed."""
+    p = mp.get_context("forkserver").Process(target=_write_then_die, args=(str(run), target))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        pytest.fail("the writing child hung")
+    assert p.exitcode == -signal.SIGKILL, p.exitcode
 
 
 @pytest.mark.parametrize("target", ["model.safetensors", "state.json", "checkpoint.json"])
