@@ -100,3 +100,23 @@ def test_explain_prints_words_as_text_not_markup(capsys):
     code, out, err = run(capsys, "explain", "a cat [/x] sat", "--word", "[/x]")
     assert code == 0, err
     assert "showing where [/x] looks" in out and "top keys of '[/x]'" in out
+
+
+def test_ctrl_c_in_process_exits_130_and_gives_ctrl_c_back(capsys, monkeypatch):
+    """main([...]) called from Python: Ctrl-C during a command is one line and SystemExit
+    130, and the caller's SIGINT handler is back afterwards (the console script ignores
+    further Ctrl-C until it exits; a caller that goes on must not lose Ctrl-C)."""
+    import signal
+
+    import qkv.cli as cli
+
+    def interrupted_app(**kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_register", lambda: interrupted_app)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        main(["demo"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "qkv: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is before

@@ -11,7 +11,9 @@ line on stderr and exit code 2, the library's argument names shown as flags
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 from .interrupt import exit_interrupted
 
@@ -48,7 +50,24 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``qkv`` console script."""
+    """Entry point of the ``qkv`` console script; ``main(["demo", ...])`` runs a command
+    in this process (it always ends by SystemExit with the command's exit code).
+
+    After Ctrl-C the console script ignores further Ctrl-C until the process ends, so a
+    second press cannot break its exit. Called with ``argv`` (in-process), the caller's
+    Ctrl-C handler is put back on the way out: the caller goes on running.
+    """
+    if argv is None or threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return _main(argv)
+    finally:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     debug = bool(os.environ.get("QKV_DEBUG"))
     try:
         app = _register()
