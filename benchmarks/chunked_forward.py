@@ -18,26 +18,16 @@ backward (``out.sum().backward()``, gradients of q, k and v) instead of the forw
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from versions import load_qkv  # benchmarks/versions.py: a second qkv, side by side
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(src: Path, name: str):
-    """Import the qkv package found in ``src`` as module ``name``."""
-    spec = importlib.util.spec_from_file_location(name, src / "qkv" / "__init__.py",
-                                                  submodule_search_locations=[str(src / "qkv")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main(argv=None) -> None:
@@ -59,9 +49,9 @@ def main(argv=None) -> None:
                 "Fix: add --threads 1, or drop --cpu-time")
     clock = time.thread_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
-    impls = {"this": _load(ROOT / "src", "qkv_this")}
+    impls = {"this": load_qkv(ROOT / "src", "qkv_this")}
     if args.other is not None:
-        impls["other"] = _load(args.other, "qkv_other")
+        impls["other"] = load_qkv(args.other, "qkv_other")
     g = torch.Generator().manual_seed(0)
     shape = (1, args.heads, args.length, args.dim)
     q, k, v = (torch.randn(shape, generator=g).requires_grad_(args.backward) for _ in range(3))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import statistics
 import sys
 import time
@@ -24,17 +23,9 @@ from pathlib import Path
 
 import torch
 
+from versions import load_qkv  # benchmarks/versions.py: a second qkv, side by side
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(src: Path, name: str):
-    """Import the qkv package found in ``src`` as module ``name``."""
-    spec = importlib.util.spec_from_file_location(name, src / "qkv" / "__init__.py",
-                                                  submodule_search_locations=[str(src / "qkv")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _decoders(pkg: str, max_len: int):
@@ -65,7 +56,7 @@ def main() -> None:
     runs = {}
     versions = [("this", "qkv")]
     if args.other is not None:
-        _load(args.other.resolve(), "qkv_other")
+        load_qkv(args.other.resolve(), "qkv_other")
         versions.append(("other", "qkv_other"))
     for label, pkg in versions:
         runs[f"{label} cached"], runs[f"{label} uncached"] = _decoders(pkg, args.tokens)
