@@ -370,21 +370,17 @@ class Blocks:
 
     def _band_edge_(self, part: Tensor, q0: int, q1: int, e0: int, e1: int) -> None:
         """Set the scores ``part (..., q1-q0, e1-e0)`` of queries q0:q1 x keys e0:e1 that
-        the band hides to ``-inf``, in place. ``tril_``/``triu_`` replace them (NaN
+        the band hides to ``-inf``, in place. :meth:`_band_zero_` replaces them (NaN
         too) by 0, then a bias of 0 / ``-inf`` is added: a few times faster than
         ``torch.where`` with a bool mask, and as exact (``x + 0 = x``)."""
         m = self.mask
-        d = e0 - q0 - m.offset  # key e0 - k0 + j sits d + j - i right of query i's diagonal
-        key = (d, q1 - q0, e1 - e0)
+        key = (e0 - q0 - m.offset, q1 - q0, e1 - e0)  # where the keys sit from the diagonal
         bias = self._edge_cache.get(key)  # (r, e): 0 visible, -inf hidden
         if bias is None:
             band = m.band(q0, q1, e0, e1, self.device)
             bias = torch.zeros(band.shape, dtype=self.ct, device=self.device)
             bias = self._edge_cache[key] = bias.masked_fill_(~band, float("-inf"))
-        if m.right is not None:
-            part.tril_(m.right - d)  # keeps j - i <= right - d
-        if m.left is not None:
-            part.triu_(-m.left - d)  # keeps j - i >= -left - d
+        self._band_zero_(part, q0, q1, e0, e1)
         part.add_(bias)
 
     def exp_shifted_(self, s: Tensor, shift: Tensor | None,
